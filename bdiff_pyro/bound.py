@@ -1,0 +1,190 @@
+"""The analytic variational bound and its estimators (DESIGN.md section 2).  Pure: tensors in,
+tensors out, no Pyro, no I/O.  Everything is in nats per sequence; divide by ln 2 for bits.
+
+For a kernel with the paper's closed-form edge step the exact ELBO of x^0 is
+
+    ELBO(x^0) = - sum_{t=2..T} E_{q(x^t | x^0)} KL( q(x^{t-1} | x^t, x^0) || p(x^{t-1} | x^t) )
+                + H_q(X^T | x^0) + E_q log pi(x^T)                          (prior part)
+                - H_q(X^1 | x^0) + log pi(x^0) - E_q log pi(x^1)            (edge part)
+
+and the paper's K (eq. 14, with -H_p(X^T) read as the cross-entropy E_q log pi(x^T)) is the
+same without the pi correction log pi(x^0) - E_q log pi(x^1); for pi_1 = 1/2 they agree.
+For a kernel whose edge step is learned, the edge part is E_{q(x^1 | x^0)} log p(x^0 | x^1)
+and joins the stochastic terms as t = 1 (D3PM's reconstruction term).
+
+``reverse_log_probs(x_t, t)`` is any callable giving log p(x^{t-1} = k | x^t) with shape
+(..., n, K): a network, the oracle, or a brute-force table in a test.
+"""
+
+import itertools
+import math
+
+import torch
+
+LN2 = math.log(2.0)
+
+
+def kl_categorical(log_q, log_p):
+    """KL(q || p) = sum_k q_k (log q_k - log p_k), summed over the last dimension.
+
+    For K = 2 this is the Bernoulli KL from logits (log-probs are logsigmoid(+-logit)).
+    Terms with q_k = 0 contribute 0 (their log q is -inf).
+    """
+    q = log_q.exp()
+    return torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(-1)
+
+
+def entropy(log_q):
+    """H(q) = - sum_k q_k log q_k over the last dimension (0 log 0 = 0)."""
+    return kl_categorical(log_q, torch.zeros_like(log_q))
+
+
+def cross_entropy_term(log_q, log_p):
+    """E_q log p = sum_k q_k log p_k over the last dimension."""
+    return -(kl_categorical(log_q, log_p) + entropy(log_q))
+
+
+def first_stochastic_step(kernel):
+    """t = 2 when the edge term is closed form, t = 1 when p(x^0 | x^1) is learned."""
+    return 2 if kernel.closed_form_edge else 1
+
+
+def prior_term(kernel, x0):
+    """H_q(X^T | x^0) + E_{q(x^T | x^0)} log pi(x^T), per sequence."""
+    log_q_T = kernel.q_marginal_log_probs(x0, kernel.T)
+    return (entropy(log_q_T) + cross_entropy_term(log_q_T, kernel.log_pi)).sum(-1)
+
+
+def pi_correction(kernel, x0):
+    """log pi(x^0) - E_{q(x^1 | x^0)} log pi(x^1), per sequence: ELBO - K (DESIGN.md 2)."""
+    log_q_1 = kernel.q_marginal_log_probs(x0, 1)
+    return (kernel.log_pi[x0.long()] - cross_entropy_term(log_q_1, kernel.log_pi)).sum(-1)
+
+
+def closed_form_edge_term(kernel, x0):
+    """E_{q(x^1 | x^0)} log p(x^0 | x^1) for the paper's edge step, per sequence:
+    -H_q(X^1 | x^0) + log pi(x^0) - E_q log pi(x^1)."""
+    return -entropy(kernel.q_marginal_log_probs(x0, 1)).sum(-1) + pi_correction(kernel, x0)
+
+
+def closed_form_terms(kernel, x0):
+    """All terms of the ELBO that need no network, per sequence."""
+    total = prior_term(kernel, x0)
+    if kernel.closed_form_edge:
+        total = total + closed_form_edge_term(kernel, x0)
+    return total
+
+
+def log_prob_of(log_probs, x):
+    """log_probs[..., i, x_i] with broadcasting: (..., n, K), (..., n) -> (..., n)."""
+    index = x.long().unsqueeze(-1)
+    shape = torch.broadcast_shapes(log_probs.shape[:-1], index.shape[:-1])
+    return log_probs.expand(*shape, log_probs.shape[-1]).gather(-1, index.expand(*shape, 1)).squeeze(-1)
+
+
+def step_term(kernel, reverse_log_probs, x0, x_t, t):
+    """The loss of step t at one x^t, per sequence (its expectation over x^t enters -ELBO):
+
+    t >= 2:  KL( q(x^{t-1} | x^t, x^0) || p(x^{t-1} | x^t) )
+    t = 1:   -log p(x^0 | x^1)        (only for kernels with a learned edge step)
+    """
+    log_p = reverse_log_probs(x_t, t)
+    if isinstance(t, int) and t == 1:
+        return -log_prob_of(log_p, x0).sum(-1)
+    # Rows with t = 1 (learned edge only) take the reconstruction branch below; the
+    # posterior, defined for t >= 2, is evaluated there at t = 2 and discarded.
+    t_kl = t if isinstance(t, int) else torch.as_tensor(t).clamp_min(2)
+    kl = kl_categorical(kernel.q_posterior_log_probs(x_t, x0, t_kl), log_p).sum(-1)
+    if isinstance(t, int) or kernel.closed_form_edge:
+        return kl
+    return torch.where(torch.as_tensor(t) == 1, -log_prob_of(log_p, x0).sum(-1), kl)
+
+
+def sample_x_t(kernel, x0, t):
+    """x^t ~ q(x^t | x^0) in closed form (t an int or one time per sequence)."""
+    return kernel.site_dist(kernel.q_marginal_log_probs(x0, t)).sample()
+
+
+# ---------------------------------------------------------------------------------------
+# Exact evaluation (small n): the expectation over x^t as a sum over all K^n states.
+
+
+def all_states(n, num_states=2, dtype=torch.float64):
+    """Every sequence in {0..K-1}^n, shape (K^n, n), in lexicographic order."""
+    return torch.tensor(list(itertools.product(range(num_states), repeat=n)), dtype=dtype)
+
+
+def elbo_exact(kernel, reverse_log_probs, x0):
+    """The ELBO of each x^0 (nats), every expectation over x^t taken exactly.
+
+    Costs T x K^n network evaluations: a reference for tests and small cross-checks.
+    """
+    states = all_states(x0.shape[-1], kernel.num_states, dtype=kernel.log_pi.dtype).to(x0.device)
+    total = closed_form_terms(kernel, x0)
+    for t in range(first_stochastic_step(kernel), kernel.T + 1):
+        log_q_t = kernel.q_marginal_log_probs(x0, t).unsqueeze(-3)  # (B, 1, n, K)
+        weights = log_prob_of(log_q_t, states).sum(-1).exp()  # q(x^t = s | x^0), (B, S)
+        log_p = reverse_log_probs(states, t)  # (S, n, K), shared by every x^0
+        terms = step_term(kernel, lambda x, s: log_p, x0.unsqueeze(-2), states, t)  # (B, S)
+        total = total - (weights * terms).sum(-1)
+    return total
+
+
+# ---------------------------------------------------------------------------------------
+# Monte Carlo estimators
+
+
+def uniform_step_proposal(kernel):
+    """r(t) = 1 / (number of stochastic steps), as a (T+1,) table with zeros below the first."""
+    first = first_stochastic_step(kernel)
+    probs = torch.zeros(kernel.T + 1, dtype=kernel.log_pi.dtype, device=kernel.log_pi.device)
+    probs[first:] = 1.0 / (kernel.T + 1 - first)
+    return probs
+
+
+def negative_elbo_estimate(kernel, reverse_log_probs, x0, step_proposal=None):
+    """Unbiased one-sample estimate of -ELBO(x^0) per sequence, for training.
+
+    t ~ r(t) (uniform over the stochastic steps unless ``step_proposal`` is given),
+    x^t ~ q(x^t | x^0); the estimate is L_t(x^0, x^t) / r(t) - closed-form terms, whose
+    expectation is -ELBO.  The closed-form terms are added once, not once per step.
+    Returns (estimates, t).
+    """
+    probs = uniform_step_proposal(kernel) if step_proposal is None else step_proposal
+    t = torch.multinomial(probs.float(), x0.shape[0], replacement=True)
+    x_t = sample_x_t(kernel, x0, t)
+    terms = step_term(kernel, reverse_log_probs, x0, x_t, t)
+    return terms / probs[t] - closed_form_terms(kernel, x0), t
+
+
+def elbo_replicates(kernel, reverse_log_probs, x0, replicates=4, max_rows=65536):
+    """Independent unbiased estimates of ELBO(x^0), shape (N, replicates), in nats.
+
+    Each replicate visits every step t once with one x^t ~ q(x^t | x^0) (stratified over t,
+    which has far less variance than sampling t).  Rows are batched over (t, x^0).
+    """
+    first = first_stochastic_step(kernel)
+    steps = torch.arange(first, kernel.T + 1, device=x0.device)
+    num, n = x0.shape
+    # rows ordered (replicate, step, sequence)
+    step_of_row = steps.repeat_interleave(num).repeat(replicates)
+    x0_rows = x0.repeat(replicates * len(steps), 1)
+    terms = torch.empty(len(step_of_row), dtype=kernel.log_pi.dtype, device=x0.device)
+    with torch.no_grad():
+        for start in range(0, len(step_of_row), max_rows):
+            rows = slice(start, start + max_rows)
+            x_t = sample_x_t(kernel, x0_rows[rows], step_of_row[rows])
+            terms[rows] = step_term(kernel, reverse_log_probs, x0_rows[rows], x_t, step_of_row[rows])
+        stochastic = terms.view(replicates, len(steps), num).sum(1)  # (R, N)
+        return (closed_form_terms(kernel, x0) - stochastic).T
+
+
+def mean_and_standard_error(replicates):
+    """Mean over sequences of the per-sequence replicate means, and its Monte Carlo standard
+    error sqrt(sum_j s_j^2 / R) / N, from (N, R) replicate estimates (R >= 2)."""
+    num, reps = replicates.shape
+    if reps < 2:
+        raise ValueError("a standard error needs at least two replicates")
+    mean = replicates.mean(1).mean()
+    se = replicates.var(1, unbiased=True).sum().div(reps).sqrt() / num
+    return float(mean), float(se)

@@ -1,0 +1,234 @@
+"""Experiment configuration: YAML file -> typed dataclasses, validated once, at the edge.
+
+Every error names the file (or ``--set``) and the dotted key, e.g.
+``heartbeat.yaml: model.T must be >= 2 (got 1)``.
+"""
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    kind: str = "heartbeat"  # heartbeat | text | npy
+    n: int = 20  # heartbeat: sequence length
+    period: int = 5  # heartbeat: one 1 every `period` positions
+    train: typing.Optional[str] = None  # text / npy: training file (relative to the config)
+    val: typing.Optional[str] = None  # text / npy: held-out file
+
+    def validate(self, where):
+        _choice(where, "data.kind", self.kind, ("heartbeat", "text", "npy"))
+        if self.kind == "heartbeat":
+            _at_least(where, "data.n", self.n, 1)
+            _at_least(where, "data.period", self.period, 1)
+            if self.period > self.n:
+                raise UserError(f"{where}: data.period must be <= data.n (got {self.period} > {self.n})")
+        else:
+            for key in ("train", "val"):
+                if getattr(self, key) is None:
+                    raise UserError(f"{where}: data.{key} is required when data.kind is {self.kind!r}")
+
+
+@dataclass
+class ModelConfig:
+    T: int = 200
+    schedule: str = "cosine"  # paper | cosine | power
+    schedule_power: float = 2.0  # power schedule: beta~_t = (t/T)^power
+    pi_1: typing.Union[float, str] = 0.5  # stationary P(bit = 1), or "data" for the training mean
+    parameterisation: str = "x0"  # direct | x0
+    hidden: typing.List[int] = field(default_factory=lambda: [128, 128])
+    activation: str = "silu"  # sigmoid | tanh | relu | silu
+    time_embedding: int = 32
+
+    def validate(self, where):
+        _at_least(where, "model.T", self.T, 2)
+        _choice(where, "model.schedule", self.schedule, ("paper", "cosine", "power"))
+        if self.schedule_power <= 0:
+            raise UserError(f"{where}: model.schedule_power must be > 0 (got {self.schedule_power})")
+        if isinstance(self.pi_1, str):
+            if self.pi_1 != "data":
+                raise UserError(f"{where}: model.pi_1 must be a number in (0, 1) or 'data' (got {self.pi_1!r})")
+        elif not 0.0 < self.pi_1 < 1.0:
+            raise UserError(f"{where}: model.pi_1 must lie strictly between 0 and 1 (got {self.pi_1})")
+        _choice(where, "model.parameterisation", self.parameterisation, ("direct", "x0"))
+        _choice(where, "model.activation", self.activation, ("sigmoid", "tanh", "relu", "silu"))
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise UserError(f"{where}: model.hidden must be a non-empty list of positive sizes (got {self.hidden})")
+        if self.time_embedding < 2 or self.time_embedding % 2:
+            raise UserError(f"{where}: model.time_embedding must be an even number >= 2 (got {self.time_embedding})")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 2e-3
+    lr_final: float = 2e-4  # exponential decay from lr to lr_final over the run
+    clip_norm: float = 10.0  # per-parameter-tensor gradient clipping (pyro.optim.ClippedAdam)
+    eval_every: int = 200  # held-out bound, sample proportions and a GIF frame
+    checkpoint_every: int = 200
+    eval_samples: int = 1000  # samples drawn at each evaluation during training
+    eval_sequences: int = 256  # held-out sequences scored at each evaluation during training
+
+    def validate(self, where):
+        for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_samples", "eval_sequences"):
+            _at_least(where, f"train.{key}", getattr(self, key), 1)
+        for key in ("lr", "lr_final", "clip_norm"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"{where}: train.{key} must be > 0 (got {getattr(self, key)})")
+
+
+@dataclass
+class EvaluateConfig:
+    num_samples: int = 10000  # samples whose membership (train / held-out / neither) is counted
+    replicates: int = 8  # independent bound estimates per sequence, for the standard error
+
+    def validate(self, where):
+        _at_least(where, "evaluate.num_samples", self.num_samples, 1)
+        _at_least(where, "evaluate.replicates", self.replicates, 2)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda
+
+    def validate(self, where):
+        _choice(where, "device", self.device, ("cpu", "cuda"))
+        for section in (self.data, self.model, self.train, self.evaluate):
+            section.validate(where)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def load_config(path, overrides=()):
+    """Read a YAML config, apply ``--set KEY=VALUE`` overrides, validate, resolve data paths."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise UserError(f"{path}: cannot read config ({error.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"{path}{line}: invalid YAML ({problem})") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a config must be a mapping of sections (got {type(raw).__name__})")
+    raw = apply_overrides(raw, overrides)
+    config = config_from_dict(raw, where=str(path))
+    for key in ("train", "val"):
+        value = getattr(config.data, key)
+        if value is not None and not Path(value).is_absolute():
+            setattr(config.data, key, str((path.parent / value).resolve()))
+    return config
+
+
+def apply_overrides(raw, overrides):
+    """``["model.T=50", ...]`` -> a copy of raw with those dotted keys set (values parsed as YAML)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set model.T=50")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item}: {part!r} is not a section")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {item}: cannot parse value {value!r}") from None
+    return raw
+
+
+def config_from_dict(raw, where="config"):
+    config = _build(Config, raw, where, prefix="")
+    config.validate(where)
+    return config
+
+
+def save_config(config, path):
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _build(cls, raw, where, prefix):
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise UserError(f"{where}: unknown config key {prefix}{key!r} (known: {', '.join(fields)})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, value, where, f"{prefix}{key}.")
+        else:
+            values[key] = _coerce(value, hint, where, f"{prefix}{key}")
+    return cls(**values)
+
+
+def _coerce(value, hint, where, key):
+    """Check a YAML scalar against a field's type (ints are accepted where floats are)."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where, key)
+            except UserError:
+                pass
+        names = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+        raise UserError(f"{where}: {key} must be {names} (got {value!r})")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise UserError(f"{where}: {key} must be a list (got {value!r})")
+        return [_coerce(v, item, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    raise UserError(f"{where}: {key} must be {hint.__name__} (got {value!r})")
+
+
+def _at_least(where, key, value, minimum):
+    if value < minimum:
+        raise UserError(f"{where}: {key} must be >= {minimum} (got {value})")
+
+
+def _choice(where, key, value, options):
+    if value not in options:
+        raise UserError(f"{where}: {key} must be one of {', '.join(options)} (got {value!r})")

@@ -1,0 +1,249 @@
+"""Noise schedules and discrete transition kernels: closed forms only, no training.
+
+A kernel acts independently on each of the n dimensions of a sequence; each dimension
+takes one of K states (K = 2 for bits). It is described by row-stochastic matrices
+
+    Q_t[j, k]    = q(x^t = k | x^{t-1} = j),          t = 1..T   (DESIGN.md section 4)
+    Qbar_t[j, k] = q(x^t = k | x^0 = j) = (Q_1 ... Q_t)[j, k],     Qbar_0 = I
+
+and a stationary distribution pi.  Everything downstream (the Pyro programs, the bound,
+the oracle) reads a kernel only through the methods of :class:`DiscreteKernel`, so a new
+kernel is one subclass that provides ``step_matrices`` (and, if it has one, a cheaper
+closed form for ``cumulative_matrices``).
+
+States are integer codes 0..K-1; for bits the code is the bit.  Tables are built in
+float64 and stored as log-probabilities, so ``kernel.double()`` gives float64 everywhere.
+"""
+
+import math
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from .errors import UserError
+
+# ---------------------------------------------------------------------------------------
+# Schedules: a schedule is beta~_t for t = 0..T, increasing from beta~_0 = 0 (DESIGN.md 1).
+
+
+def beta_tilde_paper(T):
+    """The paper's binary schedule beta_t = 1/(T - t + 1), i.e. beta~_t = t / T."""
+    return torch.arange(T + 1, dtype=torch.float64) / T
+
+
+def beta_tilde_cosine(T):
+    """Cosine schedule beta~_t = 1 - cos(pi t / 2T): gentle start, beta~_T = 1."""
+    t = torch.arange(T + 1, dtype=torch.float64)
+    beta_tilde = 1.0 - torch.cos(math.pi * t / (2 * T))
+    beta_tilde[-1] = 1.0  # cos(pi/2) is 6e-17 in floating point, not 0
+    return beta_tilde
+
+
+def beta_tilde_power(T, power):
+    """Power family beta~_t = (t / T)^power; power > 1 starts gently (power = 1: paper)."""
+    return (torch.arange(T + 1, dtype=torch.float64) / T) ** power
+
+
+SCHEDULES = {
+    "paper": lambda T, power: beta_tilde_paper(T),
+    "cosine": lambda T, power: beta_tilde_cosine(T),
+    "power": beta_tilde_power,
+}
+
+
+def make_beta_tilde(name, T, power=2.0):
+    """beta~_0..beta~_T for the named schedule (one of ``SCHEDULES``)."""
+    if name not in SCHEDULES:
+        raise UserError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name](T, power)
+
+
+def betas_from_beta_tilde(beta_tilde):
+    """Per-step rates from the cumulative ones: 1 - beta_t = (1 - beta~_t) / (1 - beta~_{t-1}).
+
+    betas[0] = 0.  Where beta~_{t-1} = 1 the chain has already forgotten x^0 and beta_t = 1.
+    """
+    keep = 1.0 - beta_tilde
+    betas = torch.zeros_like(beta_tilde)
+    previous = keep[:-1]
+    betas[1:] = torch.where(previous > 0, 1.0 - keep[1:] / previous, torch.ones_like(previous))
+    return betas
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+
+
+def _index(x):
+    """State codes as a LongTensor (Pyro's Bernoulli sites hold floats 0./1.)."""
+    return x.long() if x.dtype != torch.long else x
+
+
+def _rows(table, t, x):
+    """table[t][x_i, :] for every dimension: (T+1, K, K), t, (..., n) -> (..., n, K).
+
+    t is an int or a LongTensor of shape x.shape[:-1] (one time per sequence).
+    """
+    x = _index(x)
+    if isinstance(t, int):
+        return table[t][x]
+    t = torch.as_tensor(t, device=x.device).long().unsqueeze(-1).expand(x.shape)
+    return table[t, x]
+
+
+def normalise(log_weights):
+    """Log-probabilities from unnormalised log-weights over the last dimension."""
+    return log_weights - torch.logsumexp(log_weights, dim=-1, keepdim=True)
+
+
+class DiscreteKernel(nn.Module):
+    """A forward noising kernel with K states per dimension and T steps.
+
+    Subclasses implement :meth:`step_matrices` and :attr:`stationary`; they may override
+    :meth:`cumulative_matrices` with a closed form.  Buffers (all log-probabilities):
+    ``log_Q`` (T+1, K, K) with log_Q[0] = log I, ``log_Qbar`` (T+1, K, K), ``log_pi`` (K,).
+    """
+
+    #: True when the paper's edge step p(x^0 | x^1) = q(x^1 | x^0) pi(x^0) / pi(x^1) is a
+    #: proper distribution with full support (pi > 0 in every state), so the t = 1 term of
+    #: the bound is closed form (DESIGN.md section 2).  Otherwise p(x^0 | x^1) is learned.
+    closed_form_edge = True
+
+    def __init__(self, T, num_states):
+        super().__init__()
+        if T < 2:
+            raise UserError(f"T must be at least 2 (got {T})")
+        self.T = int(T)
+        self.num_states = int(num_states)
+        Q = self.step_matrices()
+        self.register_buffer("log_Q", torch.log(Q))
+        self.register_buffer("log_Qbar", torch.log(self.cumulative_matrices(Q)))
+        self.register_buffer("log_pi", torch.log(self.stationary))
+
+    # -- what a kernel defines ------------------------------------------------------------
+    def step_matrices(self):
+        """(T+1, K, K) float64: Q_0 = I, then Q_t[j, k] = q(x^t = k | x^{t-1} = j)."""
+        raise NotImplementedError
+
+    @property
+    def stationary(self):
+        """(K,) float64 stationary distribution pi of the chain."""
+        raise NotImplementedError
+
+    def cumulative_matrices(self, Q):
+        """Qbar_t = Q_1 ... Q_t by repeated products (kernels with a closed form override)."""
+        Qbar = torch.empty_like(Q)
+        Qbar[0] = torch.eye(self.num_states, dtype=Q.dtype)
+        for t in range(1, self.T + 1):
+            Qbar[t] = Qbar[t - 1] @ Q[t]
+        return Qbar
+
+    # -- the closed forms every consumer uses -----------------------------------------------
+    @property
+    def pi(self):
+        """Stationary distribution over states, e.g. tensor([1 - pi_1, pi_1]) for bits."""
+        return self.log_pi.exp()
+
+    def prior_log_probs(self, shape):
+        """log pi(x^T = k) broadcast to shape + (K,)."""
+        return self.log_pi.expand(*shape, self.num_states)
+
+    def q_step_log_probs(self, x_prev, t):
+        """log q(x^t = k | x^{t-1}) = log Q_t[x^{t-1}, k], shape (..., n, K)."""
+        return _rows(self.log_Q, t, x_prev)
+
+    def q_marginal_log_probs(self, x0, t):
+        """log q(x^t = k | x^0) = log Qbar_t[x^0, k], shape (..., n, K)."""
+        return _rows(self.log_Qbar, t, x0)
+
+    def q_posterior_log_probs(self, x_t, x0, t):
+        """Normalised log q(x^{t-1} = k | x^t, x^0), for t >= 2 (DESIGN.md sections 1, 4).
+
+            q(x^{t-1} = k | x^t, x^0)  ∝  Q_t[k, x^t] Qbar_{t-1}[x^0, k]
+
+        normalised over k by logsumexp (the normaliser is q(x^t | x^0)).
+        """
+        likelihood = _rows(self.log_Q.transpose(-1, -2), t, x_t)  # Q_t[k, x^t] over k
+        prior = _rows(self.log_Qbar, _minus_one(t), x0)  # Qbar_{t-1}[x^0, k]
+        return normalise(likelihood + prior)
+
+    def q_posterior_log_probs_mixture(self, x_t, x0_log_probs, t):
+        """log sum_v q(x^{t-1} = k | x^t, x^0 = v) P(x^0 = v)  (DESIGN.md section 3).
+
+        x0_log_probs: (..., n, K) log P(x^0 = v) per dimension.  This is the through-x^0
+        parameterisation of the reverse step and also the oracle's form.
+        """
+        likelihood = _rows(self.log_Q.transpose(-1, -2), t, x_t).unsqueeze(-2)  # (..., n, 1, K)
+        prior = self.log_Qbar[_minus_one(t)]  # (K_v, K) or (..., K_v, K)
+        if not isinstance(t, int):
+            prior = prior.unsqueeze(-3)  # (..., 1, K_v, K) to broadcast over dimensions
+        posterior = normalise(likelihood + prior)  # (..., n, K_v, K)
+        return torch.logsumexp(x0_log_probs.unsqueeze(-1) + posterior, dim=-2)
+
+    def edge_log_probs(self, x1):
+        """The paper's edge step log p(x^0 = k | x^1) = log q(x^1 | x^0 = k) + log pi_k - log pi(x^1).
+
+        Normalised because pi is stationary: sum_k pi_k Q_1[k, j] = pi_j.
+        """
+        x1 = _index(x1)
+        likelihood = _rows(self.log_Q.transpose(-1, -2), 1, x1)
+        return likelihood + self.log_pi - self.log_pi[x1].unsqueeze(-1)
+
+    def site_dist(self, log_probs):
+        """The Pyro distribution of one time slice: Bernoulli sites for K = 2 (values 0./1.),
+        Categorical otherwise.  Batch shape log_probs.shape[:-1]."""
+        if self.num_states == 2:
+            return dist.Bernoulli(logits=log_probs[..., 1] - log_probs[..., 0])
+        return dist.Categorical(logits=log_probs)
+
+
+def _minus_one(t):
+    return t - 1 if isinstance(t, int) else torch.as_tensor(t) - 1
+
+
+class ResampleKernel(DiscreteKernel):
+    """With probability beta_t a dimension is redrawn from pi; otherwise it stays.
+
+        Q_t    = (1 - beta_t)  I + beta_t  1 pi^T
+        Qbar_t = (1 - beta~_t) I + beta~_t 1 pi^T,   1 - beta~_t = prod_{s<=t} (1 - beta_s)
+
+    K = 2 with pi = (1 - pi_1, pi_1) is Bernoulli (bit-flip) diffusion (DESIGN.md section 1);
+    a uniform pi over K states is multinomial diffusion (Hoogeboom et al. 2021).
+    """
+
+    def __init__(self, pi, beta_tilde):
+        pi = torch.as_tensor(pi, dtype=torch.float64)
+        if torch.any(pi <= 0) or abs(float(pi.sum()) - 1.0) > 1e-12:
+            raise UserError(f"stationary distribution must be positive and sum to 1 (got {pi.tolist()})")
+        self._pi = pi
+        self._beta_tilde = torch.as_tensor(beta_tilde, dtype=torch.float64)
+        super().__init__(len(self._beta_tilde) - 1, len(pi))
+        self.register_buffer("beta_tilde", self._beta_tilde.clone())
+        self.register_buffer("betas", betas_from_beta_tilde(self._beta_tilde))
+
+    @property
+    def stationary(self):
+        return self._pi
+
+    def _mix(self, rates):
+        """(1 - r) I + r 1 pi^T for every rate r: (T+1,) -> (T+1, K, K)."""
+        eye = torch.eye(self.num_states, dtype=torch.float64)
+        rates = rates[:, None, None]
+        return (1 - rates) * eye + rates * self._pi[None, None, :]
+
+    def step_matrices(self):
+        return self._mix(betas_from_beta_tilde(self._beta_tilde))
+
+    def cumulative_matrices(self, Q):
+        return self._mix(self._beta_tilde)
+
+
+class BernoulliKernel(ResampleKernel):
+    """Bit-flip diffusion: q(x^t_i | x^{t-1}_i) = Bern(x^{t-1}_i (1 - beta_t) + beta_t pi_1)."""
+
+    def __init__(self, beta_tilde, pi_1=0.5):
+        if not 0.0 < float(pi_1) < 1.0:
+            raise UserError(f"pi_1 must lie strictly between 0 and 1 (got {pi_1})")
+        super().__init__([1.0 - float(pi_1), float(pi_1)], beta_tilde)
+        self.pi_1 = float(pi_1)

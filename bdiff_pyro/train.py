@@ -1,0 +1,249 @@
+"""Training: pyro.infer.SVI with the analytic bound as a custom loss, minibatches, held-out
+evaluation, checkpoints, resume, and a run directory that records everything.
+
+No formula lives here: the loss is ``bound.negative_elbo_estimate``; the rest is bookkeeping.
+"""
+
+import csv
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+
+import pyro
+import pyro.optim
+import torch
+from pyro.infer import SVI
+from tqdm.auto import tqdm
+
+from . import plots
+from .bound import LN2, negative_elbo_estimate
+from .checkpoints import CHECKPOINT_NAME, FORMAT, build_process, read_checkpoint, save_atomically
+from .config import save_config
+from .data import load_dataset
+from .errors import UserError
+from .evaluation import bound_report, membership, pattern_histogram
+from .forward import forward_chain
+
+
+class TrainingStopped(Exception):
+    """Training ended early (divergence or interruption); the message says what was kept."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class AnalyticLoss:
+    """-ELBO (nats/seq, averaged over the minibatch) as a custom SVI loss.
+
+    ``SVI(model, guide, optim, loss=AnalyticLoss())`` calls it as loss(model, guide, x0); the
+    model is the reverse process, whose kernel and network give the closed-form bound.  One
+    unbiased sample per sequence: a step t and x^t ~ q(x^t | x^0).
+    """
+
+    def __call__(self, model, guide, x0):
+        estimates, _ = negative_elbo_estimate(model.kernel, model.log_probs, x0)
+        return estimates.mean()
+
+
+@dataclass
+class TrainingState:
+    step: int = 0
+    wall_time: float = 0.0
+    history: list = field(default_factory=list)
+    snapshots: list = field(default_factory=list)  # (step, samples) frames of the GIF
+
+
+def new_run_dir(config_path, out=None, root="runs"):
+    """A fresh run directory: ``out`` if given (must not hold a run yet), otherwise
+    runs/<config name>-<timestamp>[-k].  Never reuses an existing run's directory."""
+    if out is not None:
+        out = Path(out)
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out}: directory exists and is not empty; refusing to overwrite an earlier run")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    stem = f"{Path(config_path).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    for k in range(1, 1000):
+        candidate = Path(root) / (stem if k == 1 else f"{stem}-{k}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise UserError(f"{root}: cannot find a free run directory name for {stem}")
+
+
+def resolve_config(config, dataset):
+    """Fill in what the data decides: pi_1 = 'data' becomes the training mean."""
+    if config.model.pi_1 == "data":
+        mean = float(dataset.train.mean())
+        if not 0.0 < mean < 1.0:
+            raise UserError(f"model.pi_1 = data needs training data with both 0s and 1s (mean is {mean})")
+        config.model.pi_1 = mean
+    return config
+
+
+def _check_resumable(config, saved, where):
+    """The model and data of a resumed run must be those its checkpoint was trained with."""
+    current = config.to_dict()
+    for section in ("data", "model"):
+        for key, value in saved[section].items():
+            if current[section][key] != value:
+                raise UserError(f"{where}: checkpoint was trained with {section}.{key}={value!r}, "
+                                f"but the config says {current[section][key]!r}")
+
+
+class _InterruptFlag:
+    """Ctrl-C sets a flag the loop checks between steps, so a checkpoint is never half-written
+    and the weights are never half-updated.  A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def train(config, run_dir, resume=False, progress=True, log=print):
+    """Train (or resume) the run in ``run_dir``; returns its final metrics dict."""
+    run_dir = Path(run_dir)
+    dataset = load_dataset(config.data)
+    config = resolve_config(config, dataset)
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda requested but no CUDA device is available")
+
+    pyro.clear_param_store()  # PyroModule parameters are registered in the global store
+    process = build_process(config.model, dataset.n).to(device)
+    optim = pyro.optim.ClippedAdam({
+        "lr": config.train.lr,
+        "clip_norm": config.train.clip_norm,
+        "lrd": (config.train.lr_final / config.train.lr) ** (1.0 / config.train.steps),
+    })
+    state = TrainingState()
+    if resume:
+        where, payload = read_checkpoint(run_dir)
+        _check_resumable(config, payload["config"], where)
+        process.load_state_dict(payload["model_state"])
+        optim.set_state(payload["optim_state"])
+        state = TrainingState(**payload["state"])
+        torch.set_rng_state(payload["rng_state"])
+        log(f"resuming {run_dir} at step {state.step}")
+    else:
+        pyro.set_rng_seed(config.seed)
+    save_config(config, run_dir / "config.yaml")
+
+    train_x, val_x = dataset.train.to(device), dataset.val.to(device)
+    svi = SVI(process, partial(forward_chain, process.kernel), optim, loss=AnalyticLoss())
+
+    def save():
+        save_atomically({
+            "format": FORMAT, "config": config.to_dict(), "n": dataset.n,
+            "model_state": process.state_dict(), "optim_state": optim.get_state(),
+            "state": vars(state), "rng_state": torch.get_rng_state(),
+        }, run_dir / CHECKPOINT_NAME)
+
+    started = time.perf_counter() - state.wall_time
+    losses = []
+    bar = tqdm(total=config.train.steps, initial=state.step, disable=not progress, desc="train", unit="step")
+    with _InterruptFlag() as interrupt, bar:
+        while state.step < config.train.steps:
+            batch = train_x[torch.randint(len(train_x), (config.train.batch_size,), device=device)]
+            loss = svi.step(batch)
+            if not math.isfinite(loss):
+                raise TrainingStopped(
+                    f"training diverged at step {state.step + 1} (loss {loss}); the last good checkpoint "
+                    f"is {run_dir / CHECKPOINT_NAME} (if one was written); lower train.lr or train.clip_norm",
+                    exit_code=1)
+            state.step += 1
+            losses.append(loss / LN2)
+            bar.update(1)
+            if state.step % config.train.eval_every == 0 or state.step == config.train.steps:
+                row = _evaluate_during_training(process, dataset, config, state, losses, optim)
+                row["elapsed_s"] = time.perf_counter() - started
+                state.history.append(row)
+                losses = []
+                bar.set_postfix(loss=f"{row['loss_bits']:.3f}", val=f"{row['val_elbo_bits']:.3f}")
+            if state.step % config.train.checkpoint_every == 0 or state.step == config.train.steps:
+                state.wall_time = time.perf_counter() - started
+                save()
+            if interrupt.raised:
+                state.wall_time = time.perf_counter() - started
+                save()
+                raise TrainingStopped(
+                    f"interrupted at step {state.step}; checkpoint saved to {run_dir / CHECKPOINT_NAME}; "
+                    f"continue with: bdiff train CONFIG --resume {run_dir}", exit_code=130)
+    state.wall_time = time.perf_counter() - started
+    return finish_run(process, dataset, config, state, run_dir)
+
+
+def _current_lr(optim):
+    lrs = [group["lr"] for opt in optim.optim_objs.values() for group in opt.param_groups]
+    return lrs[0] if lrs else float("nan")
+
+
+def _evaluate_during_training(process, dataset, config, state, losses, optim):
+    process.eval()
+    report = bound_report(process, dataset.val[: config.train.eval_sequences], replicates=2, seed=state.step)
+    samples = process.sample(config.train.eval_samples, seed=config.seed)
+    process.train()
+    fractions = membership(samples, dataset.train, dataset.val)
+    state.snapshots.append((state.step, samples[:32].to(torch.uint8).cpu()))
+    return {"step": state.step, "loss_bits": sum(losses) / max(len(losses), 1),
+            "val_elbo_bits": report["elbo_bits"], "val_se_bits": report["se_bits"],
+            "frac_train": fractions["train"], "frac_held_out": fractions["held_out"],
+            "frac_neither": fractions["neither"], "lr": _current_lr(optim)}
+
+
+def finish_run(process, dataset, config, state, run_dir):
+    """Final metrics, history and plots of a run."""
+    process.eval()
+    train_bound = bound_report(process, dataset.train, config.evaluate.replicates, seed=config.seed)
+    val_bound = bound_report(process, dataset.val, config.evaluate.replicates, seed=config.seed + 1)
+    started = time.perf_counter()
+    samples = process.sample(config.evaluate.num_samples, seed=config.seed)
+    sampling_seconds = time.perf_counter() - started
+    metrics = {
+        "train": train_bound, "held_out": val_bound,
+        "samples": {"num": config.evaluate.num_samples, **membership(samples, dataset.train, dataset.val),
+                    "per_second": config.evaluate.num_samples / sampling_seconds},
+        "wall_time_s": state.wall_time, "steps": state.step, "T": process.T, "n": dataset.n,
+        "num_parameters": sum(p.numel() for p in process.parameters()),
+    }
+    if dataset.support is not None:
+        metrics["samples"]["pattern_fractions"] = pattern_histogram(samples, dataset.support)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _write_history(state.history, run_dir / "history.csv")
+    plots.bound_curve(state.history, run_dir / "bound_curve.png")
+    plots.membership_curve(state.history, run_dir / "proportions.png")
+    plots.sample_grid(samples[:64].cpu(), run_dir / "samples.png")
+    plots.sample_evolution_gif(state.snapshots, run_dir / "sample_evolution.gif")
+    return metrics
+
+
+def _write_history(history, path):
+    if not history:
+        return
+    with open(path, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
