@@ -36,7 +36,7 @@ def kl_categorical(log_q, log_p):
 
 def entropy(log_q):
     """H(q) = - sum_k q_k log q_k over the last dimension (0 log 0 = 0)."""
-    return kl_categorical(log_q, torch.zeros_like(log_q))
+    return -kl_categorical(log_q, torch.zeros_like(log_q))
 
 
 def cross_entropy_term(log_q, log_p):

@@ -30,7 +30,7 @@ def build_process(model_config, n):
     kernel = build_kernel(model_config)
     net = ReverseNet(n, kernel.num_states, hidden=tuple(model_config.hidden),
                      activation=model_config.activation, time_embedding=model_config.time_embedding)
-    return ReverseProcess(kernel, net, model_config.parameterisation)
+    return ReverseProcess(kernel, net, model_config.parameterisation).float()
 
 
 def save_atomically(payload, path):

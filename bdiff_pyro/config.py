@@ -180,7 +180,7 @@ def _build(cls, raw, where, prefix):
     values = {}
     for key, value in raw.items():
         if key not in fields:
-            raise UserError(f"{where}: unknown config key {prefix}{key!r} (known: {', '.join(fields)})")
+            raise UserError(f"{where}: unknown config key '{prefix}{key}' (known: {', '.join(fields)})")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             values[key] = _build(hint, value, where, f"{prefix}{key}.")

@@ -133,6 +133,7 @@ def train(config, run_dir, resume=False, progress=True, log=print):
         raise UserError("device: cuda requested but no CUDA device is available")
 
     pyro.clear_param_store()  # PyroModule parameters are registered in the global store
+    pyro.set_rng_seed(config.seed)  # before the network is initialised
     process = build_process(config.model, dataset.n).to(device)
     optim = pyro.optim.ClippedAdam({
         "lr": config.train.lr,
@@ -148,8 +149,6 @@ def train(config, run_dir, resume=False, progress=True, log=print):
         state = TrainingState(**payload["state"])
         torch.set_rng_state(payload["rng_state"])
         log(f"resuming {run_dir} at step {state.step}")
-    else:
-        pyro.set_rng_seed(config.seed)
     save_config(config, run_dir / "config.yaml")
 
     train_x, val_x = dataset.train.to(device), dataset.val.to(device)

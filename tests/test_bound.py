@@ -1,0 +1,86 @@
+"""The analytic bound against brute force over every trajectory, and its estimators against
+the exact value."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from bdiff_pyro.bound import (all_states, elbo_exact, elbo_replicates, entropy, log_prob_of,
+                              mean_and_standard_error, negative_elbo_estimate, pi_correction)
+from conftest import make_process
+
+
+def brute_force_elbo(process, x0):
+    """E_q[log p(x^{0:T}) - log q(x^{1:T} | x^0)] summed over all (2^n)^T trajectories, using
+    only the step distributions of the two Pyro programs (no bound formula)."""
+    kernel, T, n = process.kernel, process.T, x0.shape[-1]
+    states = all_states(n)
+    paths = torch.tensor(list(itertools.product(range(len(states)), repeat=T)))  # (P, T)
+    xs = [x0.expand(len(paths), n)] + [states[paths[:, t - 1]] for t in range(1, T + 1)]
+    log_q = sum(log_prob_of(kernel.q_step_log_probs(xs[t - 1], t), xs[t]).sum(-1) for t in range(1, T + 1))
+    log_p = log_prob_of(kernel.prior_log_probs((len(paths), n)), xs[T]).sum(-1)
+    log_p = log_p + sum(log_prob_of(process.log_probs(xs[t], t), xs[t - 1]).sum(-1) for t in range(1, T + 1))
+    return float((log_q.exp() * (log_p - log_q)).sum())
+
+
+@pytest.mark.parametrize("pi_1", [0.5, 0.2])
+@pytest.mark.parametrize("parameterisation", ["x0", "direct"])
+@pytest.mark.parametrize("schedule", ["paper", "cosine"])
+def test_exact_elbo_equals_brute_force_over_trajectories(pi_1, parameterisation, schedule):
+    process = make_process(n=2, T=3, pi_1=pi_1, schedule=schedule, parameterisation=parameterisation, seed=1)
+    x0 = all_states(2)
+    with torch.no_grad():
+        analytic = elbo_exact(process.kernel, process.log_probs, x0)
+    with torch.no_grad():
+        for i in range(len(x0)):
+            assert math.isclose(float(analytic[i]), brute_force_elbo(process, x0[i]), rel_tol=1e-10, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("pi_1", [0.5, 0.2])
+def test_pi_correction_and_the_papers_K(pi_1):
+    """ELBO - K = log pi(x^0) - E_q log pi(x^1), brute-forced over x^1; zero for pi_1 = 1/2;
+    and K is eq. 14: -sum KL + H_q(X^T|X^0) - H_q(X^1|X^0) - n h(pi_1) when beta~_T = 1."""
+    process = make_process(n=3, T=4, pi_1=pi_1, schedule="paper")
+    kernel, x0 = process.kernel, all_states(3)
+    log_pi = kernel.log_pi
+    for i in range(len(x0)):
+        q1 = log_prob_of(kernel.q_marginal_log_probs(x0[i], 1), all_states(3)).sum(-1).exp()
+        expected = float(log_pi[x0[i].long()].sum() - (q1 * log_pi[all_states(3).long()].sum(-1)).sum())
+        assert math.isclose(float(pi_correction(kernel, x0[i])), expected, rel_tol=1e-12, abs_tol=1e-14)
+        if pi_1 == 0.5:
+            assert abs(expected) < 1e-12
+    with torch.no_grad():
+        elbo = elbo_exact(kernel, process.log_probs, x0)
+        kl_sum = -(elbo_exact(kernel, process.log_probs, x0) - _closed(kernel, x0))
+    h_pi = -(kernel.pi * kernel.log_pi).sum()
+    K = (-kl_sum + entropy(kernel.q_marginal_log_probs(x0, 4)).sum(-1)
+         - entropy(kernel.q_marginal_log_probs(x0, 1)).sum(-1) - 3 * h_pi)
+    assert torch.allclose(elbo - pi_correction(kernel, x0), K, atol=1e-12)
+
+
+def _closed(kernel, x0):
+    from bdiff_pyro.bound import closed_form_terms
+    return closed_form_terms(kernel, x0)
+
+
+@pytest.mark.parametrize("pi_1", [0.5, 0.2])
+def test_monte_carlo_estimators_agree_with_exact(pi_1):
+    process = make_process(n=3, T=6, pi_1=pi_1, seed=2)
+    x0 = all_states(3)
+    with torch.no_grad():
+        exact = elbo_exact(process.kernel, process.log_probs, x0)
+        torch.manual_seed(0)
+        replicates = elbo_replicates(process.kernel, process.log_probs, x0, replicates=400)
+        mean, se = mean_and_standard_error(replicates)
+        assert abs(mean - float(exact.mean())) < 4 * se
+        # the training estimator: one t and one x^t per sequence
+        draws = negative_elbo_estimate(process.kernel, process.log_probs, x0.repeat(4000, 1))[0].view(4000, -1)
+    per_sequence_mean, per_sequence_se = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
+    assert torch.all((per_sequence_mean + exact).abs() < 4 * per_sequence_se), (per_sequence_mean, -exact)
+
+
+def test_standard_error_needs_two_replicates():
+    with pytest.raises(ValueError):
+        mean_and_standard_error(torch.zeros(3, 1))

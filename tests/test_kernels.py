@@ -1,0 +1,136 @@
+"""The kernel's closed forms against independent constructions (float64)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bdiff_pyro.bound import all_states, entropy, kl_categorical
+from bdiff_pyro.kernels import BernoulliKernel, betas_from_beta_tilde, make_beta_tilde
+
+SCHEDULES = [("paper", 2.0), ("cosine", 2.0), ("power", 3.0), ("power", 0.7)]
+
+
+def step_matrix(beta, pi_1):
+    """DESIGN.md 1 read literally: q(x^t = 1 | x^{t-1}) = x^{t-1} (1 - beta) + beta pi_1."""
+    p_one = lambda x: x * (1 - beta) + beta * pi_1  # noqa: E731
+    return torch.tensor([[1 - p_one(0), p_one(0)], [1 - p_one(1), p_one(1)]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("schedule,power", SCHEDULES)
+@pytest.mark.parametrize("pi_1", [0.5, 0.2])
+def test_marginal_is_product_of_step_matrices(schedule, power, pi_1):
+    T = 17
+    kernel = BernoulliKernel(make_beta_tilde(schedule, T, power), pi_1)
+    product = torch.eye(2, dtype=torch.float64)
+    for t in range(1, T + 1):
+        product = product @ step_matrix(float(kernel.betas[t]), pi_1)
+        assert torch.allclose(kernel.log_Q[t].exp(), step_matrix(float(kernel.betas[t]), pi_1), atol=1e-15)
+        assert torch.allclose(kernel.log_Qbar[t].exp(), product, rtol=1e-12, atol=1e-14), t
+
+
+@pytest.mark.parametrize("schedule,power", SCHEDULES)
+def test_beta_tilde_follows_the_seed_recursion(schedule, power):
+    beta_tilde = make_beta_tilde(schedule, 40, power)
+    betas = betas_from_beta_tilde(beta_tilde)
+    recursion = [0.0]
+    for t in range(1, 41):  # beta~_t = beta~_{t-1} + beta_t - beta_t beta~_{t-1}
+        recursion.append(recursion[-1] + float(betas[t]) - float(betas[t]) * recursion[-1])
+    assert torch.allclose(torch.tensor(recursion, dtype=torch.float64), beta_tilde, atol=1e-12)
+    assert betas[0] == 0 and abs(float(beta_tilde[-1]) - 1.0) < 1e-12
+
+
+def test_paper_schedule_rates():
+    T = 10
+    kernel = BernoulliKernel(make_beta_tilde("paper", T))
+    expected = torch.tensor([0.0] + [1.0 / (T - t + 1) for t in range(1, T + 1)], dtype=torch.float64)
+    assert torch.allclose(kernel.betas, expected, atol=1e-14)
+    assert kernel.betas.shape == (T + 1,)
+    assert torch.allclose(kernel.pi, torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("schedule,power", SCHEDULES)
+@pytest.mark.parametrize("pi_1", [0.5, 0.2])
+def test_posterior_is_normalised_bayes(schedule, power, pi_1):
+    T = 9
+    kernel = BernoulliKernel(make_beta_tilde(schedule, T, power), pi_1)
+    Q = [None] + [step_matrix(float(kernel.betas[t]), pi_1) for t in range(1, T + 1)]
+    Qbar = [torch.eye(2, dtype=torch.float64)]
+    for t in range(1, T + 1):
+        Qbar.append(Qbar[-1] @ Q[t])
+    for t in range(2, T + 1):
+        for x0, xt in itertools.product((0, 1), repeat=2):
+            joint = torch.tensor([Q[t][k, xt] * Qbar[t - 1][x0, k] for k in (0, 1)])
+            bayes = joint / joint.sum()
+            got = kernel.q_posterior_log_probs(torch.tensor([[float(xt)]]), torch.tensor([[float(x0)]]), t).exp()
+            assert torch.allclose(got[0, 0], bayes, atol=1e-13), (t, x0, xt)
+            assert abs(float(got.sum()) - 1.0) < 1e-14
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+@pytest.mark.parametrize("pi_1", [0.5, 0.2])
+def test_entropy_matches_brute_force_over_all_states(n, pi_1):
+    T = 6
+    kernel = BernoulliKernel(make_beta_tilde("cosine", T), pi_1)
+    states = all_states(n)
+    generator = torch.Generator().manual_seed(n)
+    x0 = (torch.rand(1, n, generator=generator, dtype=torch.float64) < 0.5).double()
+    for t in range(1, T + 1):
+        p_one = x0 * (1 - kernel.beta_tilde[t]) + kernel.beta_tilde[t] * pi_1  # DESIGN.md 1
+        probs = torch.where(states == 1, p_one, 1 - p_one).prod(-1)  # q(x^t = s | x^0) over 2^n states
+        brute = float(-(probs * probs.log()).sum())
+        closed = float(entropy(kernel.q_marginal_log_probs(x0, t)).sum())
+        assert math.isclose(closed, brute, rel_tol=1e-11), t
+
+
+@pytest.mark.parametrize("n", [4, 20])
+def test_entropy_equals_the_seeds_binomial_sum_for_half(n):
+    kernel = BernoulliKernel(make_beta_tilde("paper", 50), 0.5)
+    x0 = torch.zeros(1, n, dtype=torch.float64)
+    for t in (1, 7, 49):
+        flip = float(kernel.beta_tilde[t]) / 2
+        binomial = -sum(math.comb(n, k) * (1 - flip) ** k * flip ** (n - k)
+                        * math.log((1 - flip) ** k * flip ** (n - k)) for k in range(n + 1))
+        closed = float(entropy(kernel.q_marginal_log_probs(x0, t)).sum())
+        assert math.isclose(closed, binomial, rel_tol=1e-10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pi_1=st.floats(0.01, 0.99), t=st.integers(1, 12), x1=st.integers(0, 1),
+       schedule=st.sampled_from(["paper", "cosine"]))
+def test_edge_step_is_a_distribution_and_matches_detailed_balance(pi_1, t, x1, schedule):
+    kernel = BernoulliKernel(make_beta_tilde(schedule, 12), pi_1)
+    edge = kernel.edge_log_probs(torch.tensor([[float(x1)]])).exp()[0, 0]
+    assert abs(float(edge.sum()) - 1.0) < 1e-12
+    Q1 = kernel.log_Q[1].exp()
+    pi = kernel.pi
+    for x0 in (0, 1):  # p(x^0 | x^1) = q(x^1 | x^0) pi(x^0) / pi(x^1)
+        assert math.isclose(float(edge[x0]), float(Q1[x0, x1] * pi[x0] / pi[x1]), rel_tol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=st.lists(st.floats(-30, 30), min_size=2, max_size=5), b=st.lists(st.floats(-30, 30), min_size=2, max_size=5))
+def test_kl_is_nonnegative_and_zero_on_equal(a, b):
+    k = min(len(a), len(b))
+    log_q = torch.log_softmax(torch.tensor(a[:k], dtype=torch.float64), -1)
+    log_p = torch.log_softmax(torch.tensor(b[:k], dtype=torch.float64), -1)
+    assert float(kl_categorical(log_q, log_p)) >= -1e-12
+    assert abs(float(kl_categorical(log_q, log_q))) < 1e-12
+
+
+def test_bernoulli_kl_from_logits_matches_the_textbook_formula():
+    lq, lp = torch.tensor(1.3, dtype=torch.float64), torch.tensor(-0.4, dtype=torch.float64)
+    q, p = torch.sigmoid(lq), torch.sigmoid(lp)
+    textbook = q * torch.log(q / p) + (1 - q) * torch.log((1 - q) / (1 - p))
+    as_log_probs = lambda l: torch.stack([torch.nn.functional.logsigmoid(-l), torch.nn.functional.logsigmoid(l)])  # noqa: E731
+    assert torch.allclose(kl_categorical(as_log_probs(lq), as_log_probs(lp)), textbook, atol=1e-15)
+
+
+@pytest.mark.parametrize("bad", [{"pi_1": 0.0}, {"pi_1": 1.0}, {"T": 1}])
+def test_bad_kernel_parameters_are_user_errors(bad):
+    from bdiff_pyro.errors import UserError
+    with pytest.raises(UserError):
+        BernoulliKernel(make_beta_tilde("paper", bad.get("T", 5)), bad.get("pi_1", 0.5))

@@ -1,0 +1,76 @@
+"""The forward and reverse Pyro programs: marginals, sampling paths, and SVI training."""
+
+from functools import partial
+
+import pyro
+import pyro.optim
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI
+
+from bdiff_pyro.forward import forward_chain
+from bdiff_pyro.kernels import BernoulliKernel, make_beta_tilde
+from bdiff_pyro.reverse import ReverseNet, ReverseProcess
+from bdiff_pyro.train import AnalyticLoss
+from conftest import make_process
+
+
+@pytest.mark.parametrize("pi_1", [0.5, 0.2])
+def test_forward_program_has_the_closed_form_marginals(pi_1):
+    kernel = BernoulliKernel(make_beta_tilde("cosine", 12), pi_1).double()
+    x0 = torch.tensor([[0.0, 1.0, 1.0]]).double().expand(20000, 3)
+    pyro.set_rng_seed(1)
+    trace = poutine.trace(forward_chain).get_trace(kernel, x0)
+    for t in (1, 4, 12):
+        values = trace.nodes[f"x_{t}"]["value"]
+        assert values.shape == x0.shape
+        expected = kernel.q_marginal_log_probs(x0[:1], t)[0, :, 1].exp()  # P(x^t_i = 1 | x^0)
+        se = (expected * (1 - expected) / len(x0)).sqrt()
+        assert torch.all((values.mean(0) - expected).abs() < 4.5 * se + 1e-12), (t, values.mean(0), expected)
+    assert [name for name in trace.nodes if name.startswith("x_")] == [f"x_{t}" for t in range(1, 13)]
+
+
+@pytest.mark.parametrize("parameterisation", ["x0", "direct"])
+def test_pyro_program_and_fast_sampler_draw_identical_samples(parameterisation):
+    process = make_process(n=5, T=7, parameterisation=parameterisation)
+    pyro.set_rng_seed(11)
+    trace = poutine.trace(process).get_trace(num_sequences=64)
+    fast = process.sample(64, seed=11)
+    assert torch.equal(trace.nodes["x_0"]["value"], fast)
+    assert not torch.equal(process.sample(64, seed=12), fast)
+    assert [name for name in trace.nodes if name.startswith("x_")] == [f"x_{t}" for t in range(7, -1, -1)]
+
+
+def test_sampler_without_seed_advances_the_global_generator():
+    process = make_process(n=6, T=4)
+    torch.manual_seed(0)
+    assert not torch.equal(process.sample(32), process.sample(32))
+
+
+def test_reverse_probs_api():
+    process = make_process(n=4, T=5)
+    x_t = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]]).double()
+    probs = process.reverse_probs(x_t, 3)
+    assert probs.shape == (2, 4)
+    assert torch.allclose(probs, process.log_probs(x_t, 3)[..., 1].exp())
+    assert torch.all((probs > 0) & (probs < 1))
+
+
+def test_network_size_does_not_grow_with_T():
+    sizes = [sum(p.numel() for p in ReverseProcess(BernoulliKernel(make_beta_tilde("cosine", T)),
+                                                   ReverseNet(20, 2, hidden=(50, 50, 50))).parameters())
+             for T in (10, 2000)]
+    assert sizes[0] == sizes[1]
+
+
+def test_svi_with_the_analytic_loss_trains_every_layer():
+    """The PyroModule pitfall: layers that never pass through pyro.param stay untrained."""
+    process = make_process(n=5, T=6, hidden=(8, 8, 8)).float()
+    before = {name: p.detach().clone() for name, p in process.named_parameters()}
+    svi = SVI(process, partial(forward_chain, process.kernel), pyro.optim.Adam({"lr": 1e-2}), loss=AnalyticLoss())
+    x0 = (torch.rand(32, 5) < 0.3).float()
+    losses = [svi.step(x0) for _ in range(30)]
+    for name, p in process.named_parameters():
+        assert not torch.equal(before[name], p.detach()), f"{name} was not trained"
+    assert sum(losses[-5:]) < sum(losses[:5])
