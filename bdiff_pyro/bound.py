@@ -145,16 +145,17 @@ def uniform_step_proposal(kernel):
 def negative_elbo_estimate(kernel, reverse_log_probs, x0, step_proposal=None):
     """Unbiased one-sample estimate of -ELBO(x^0) per sequence, for training.
 
-    t ~ r(t) (uniform over the stochastic steps unless ``step_proposal`` is given),
-    x^t ~ q(x^t | x^0); the estimate is L_t(x^0, x^t) / r(t) - closed-form terms, whose
-    expectation is -ELBO.  The closed-form terms are added once, not once per step.
-    Returns (estimates, t).
+    t ~ r(t) (uniform over the stochastic steps unless ``step_proposal``, a (T+1,) table of
+    probabilities, is given), x^t ~ q(x^t | x^0); the estimate is L_t(x^0, x^t) / r(t) minus
+    the closed-form terms, whose expectation is -ELBO for any r that is positive wherever
+    L_t can be.  The closed-form terms are added once, not once per step.
+    Returns (estimates, t, L_t).
     """
     probs = uniform_step_proposal(kernel) if step_proposal is None else step_proposal
     t = torch.multinomial(probs.float(), x0.shape[0], replacement=True)
     x_t = sample_x_t(kernel, x0, t)
     terms = step_term(kernel, reverse_log_probs, x0, x_t, t)
-    return terms / probs[t] - closed_form_terms(kernel, x0), t
+    return terms / probs[t] - closed_form_terms(kernel, x0), t, terms
 
 
 def elbo_replicates(kernel, reverse_log_probs, x0, replicates=4, max_rows=65536):

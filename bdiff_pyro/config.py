@@ -76,10 +76,12 @@ class TrainConfig:
     checkpoint_every: int = 200
     eval_samples: int = 1000  # samples drawn at each evaluation during training
     eval_sequences: int = 256  # held-out sequences scored at each evaluation during training
+    t_sampling: str = "uniform"  # uniform | importance (r(t) ∝ sqrt(E L_t^2), unbiased)
 
     def validate(self, where):
         for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_samples", "eval_sequences"):
             _at_least(where, f"train.{key}", getattr(self, key), 1)
+        _choice(where, "train.t_sampling", self.t_sampling, ("uniform", "importance"))
         for key in ("lr", "lr_final", "clip_norm"):
             if getattr(self, key) <= 0:
                 raise UserError(f"{where}: train.{key} must be > 0 (got {getattr(self, key)})")

@@ -136,16 +136,16 @@ def empty_guide(process, x0):
 # Exact values by enumeration
 
 
-def check_enumerable(process, x0, max_states=MAX_JOINT_STATES):
-    """Raise UserError unless a time slice of these sequences can be enumerated."""
-    n, K = x0.shape[-1], process.kernel.num_states
-    S = num_joint_states(n, K)
+def check_enumerable(n, num_states=2, max_states=MAX_JOINT_STATES):
+    """Raise UserError unless a time slice of n dimensions (K^n states) can be enumerated."""
+    S = num_joint_states(n, num_states)
     if S > max_states:
+        limit = int(math.log(max_states, num_states) + 1e-9)
         raise UserError(
-            f"exact evaluation enumerates all {K}^{n} = {S} states of a time slice "
-            f"(memory and time grow as {K}^(2n) per step); sequences of length n = {n} are too "
-            f"long, the limit is {max_states} states (n <= {int(math.log(max_states, K) + 1e-9)} "
-            f"for K = {K}); use the importance-sampled estimate instead"
+            f"exact evaluation enumerates all {num_states}^{n} = {S} states of a time slice "
+            f"(memory and time grow as {num_states}^(2n) per step), so n = {n} is too long: "
+            f"the limit is {max_states} states (n <= {limit}); use the importance-sampled "
+            "estimate instead"
         )
 
 
@@ -166,7 +166,7 @@ def _per_sequence(loss_fn, x0):
 def enumerated_elbo(process, x0, max_states=MAX_JOINT_STATES):
     """The exact ELBO E_q[log p(x^{0:T}) - log q(x^{1:T} | x^0)] of every row of x0 (nats),
     from TraceEnum_ELBO with the forward chain enumerated in the guide.  Shape (B,)."""
-    check_enumerable(process, x0, max_states)
+    check_enumerable(x0.shape[-1], process.kernel.num_states, max_states)
     elbo = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING)
     model = functools.partial(joint_model, process)
     guide = functools.partial(joint_guide, process)
@@ -180,7 +180,7 @@ def exact_log_likelihood(process, x0, max_states=MAX_JOINT_STATES):
 
     Costs about T S^2 per distinct sequence, S = K^n; raises UserError when S > max_states.
     """
-    check_enumerable(process, x0, max_states)
+    check_enumerable(x0.shape[-1], process.kernel.num_states, max_states)
     elbo = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING)
     model = config_enumerate(functools.partial(joint_model, process), default="parallel")
     guide = functools.partial(empty_guide, process)

@@ -26,6 +26,7 @@ chosen kernel, T and schedule.  Two ways to compute it:
 
 import contextlib
 import itertools
+import math
 
 import torch
 from torch import nn
@@ -64,9 +65,9 @@ class OracleReverse(nn.Module):
         self.kernel = kernel
         self.register_buffer("patterns", codes)  # (M, n) long
         self.register_buffer("log_weights", weights.log().to(kernel.log_pi.dtype))  # (M,)
-        # log [d_{j,i} = v] as (M, n, K): 0 or -inf, used to marginalise over patterns
+        # [d_{j,i} = v] as (M, n, K), to marginalise over patterns
         one_hot = nn.functional.one_hot(codes, kernel.num_states).to(kernel.log_pi.dtype)
-        self.register_buffer("log_pattern_one_hot", one_hot.log())
+        self.register_buffer("pattern_one_hot", one_hot)
 
     @property
     def n(self):
@@ -97,8 +98,10 @@ class OracleReverse(nn.Module):
 
     def x0_log_probs(self, x_t, t):
         """Per-dimension marginal log P(x^0_i = v | x^t) = log sum_j P(d_j | x^t) [d_{j,i} = v], (..., n, K)."""
-        log_posterior = self.pattern_log_posterior(x_t, t)
-        return torch.logsumexp(log_posterior[..., :, None, None] + self.log_pattern_one_hot, dim=-3)
+        # A sum of probabilities (no cancellation); the largest P(d_j | x^t) is >= 1/M, so only
+        # values below ~1e-308 are lost (they become log 0 = -inf, which the mixture tolerates).
+        posterior = self.pattern_log_posterior(x_t, t).exp()
+        return torch.einsum("...j,jiv->...iv", posterior, self.pattern_one_hot).log()
 
     def log_probs(self, x_t, t):
         """log p*(x^{t-1} = k | x^t), shape (..., n, K); t = 1 is the edge step."""
@@ -162,7 +165,9 @@ def _oracle_replicates(oracle, replicates, seed):
     x0 = oracle.patterns.to(oracle.kernel.log_pi.dtype)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return elbo_replicates(oracle.kernel, oracle.log_probs, x0, replicates)
+        # rows per batch such that the (rows, M, n, K) tensors of the pattern posterior stay small
+        max_rows = max(1, 2 ** 22 // (len(oracle.patterns) * oracle.n * oracle.kernel.num_states))
+        return elbo_replicates(oracle.kernel, oracle.log_probs, x0, replicates, max_rows=max_rows)
 
 
 def _weighted_mean_and_se(estimates, weights):
@@ -183,14 +188,35 @@ def _compositions(total, parts):
     return [(first,) + rest for first in range(total + 1) for rest in _compositions(total - first, parts - 1)]
 
 
-def count_configurations(patterns, num_states):
+def pattern_groups(patterns):
+    """Dimensions i with the same column (d_{1,i}..d_{M,i}) form a group: (columns (G, M), sizes (G,))."""
+    return torch.unique(patterns.long().T, dim=0, return_counts=True)
+
+
+def number_of_configurations(patterns, num_states):
+    """prod_g C(m_g + K - 1, K - 1): how many count configurations the exact bound sums over."""
+    _, sizes = pattern_groups(patterns)
+    return math.prod(math.comb(int(size) + num_states - 1, num_states - 1) for size in sizes)
+
+
+def exact_cost(patterns, num_states):
+    """Elements per step of the exact bound's largest tensors: C G K^2 max(M, K)."""
+    columns, _ = pattern_groups(patterns)
+    return (number_of_configurations(patterns, num_states) * len(columns) * num_states ** 2
+            * max(len(patterns), num_states))
+
+
+def count_configurations(patterns, num_states, max_configurations=200_000):
     """The groups of exchangeable dimensions and every configuration of counts.
 
-    Returns (columns (G, M) long, sizes (G,) long, counts (C, G, K) float64): dimensions i with
-    the same column (d_{1,i}..d_{M,i}) form a group; a configuration says how many dimensions of
-    each group are in each state.
+    Returns (columns (G, M) long, sizes (G,) long, counts (C, G, K) float64): a configuration
+    says how many dimensions of each group are in each state.
     """
-    columns, sizes = torch.unique(patterns.long().T, dim=0, return_counts=True)
+    number = number_of_configurations(patterns, num_states)
+    if number > max_configurations:
+        raise UserError(f"{number} count configurations (more than {max_configurations}); "
+                        "use the Monte Carlo oracle_bound instead")
+    columns, sizes = pattern_groups(patterns)
     per_group = [_compositions(int(size), num_states) for size in sizes]
     configurations = torch.tensor(list(itertools.product(*per_group)), dtype=torch.float64)
     return columns, sizes, configurations.view(-1, len(columns), num_states)
@@ -212,13 +238,13 @@ def oracle_elbo_exact(kernel, patterns, weights=None, max_configurations=200_000
     -sum_g m_g log P(x^0_i = d_{j,g} | x^1).
     """
     codes, w = _check_support(patterns, weights, kernel.num_states)
+    if exact_cost(codes, kernel.num_states) > max_elements:
+        raise UserError(f"the exact oracle bound needs {exact_cost(codes, kernel.num_states)} elements per step "
+                        f"(more than {max_elements}); use the Monte Carlo oracle_bound instead")
     dtype = kernel.log_pi.dtype
     log_w = w.log().to(dtype)
-    columns, sizes, counts = count_configurations(codes, kernel.num_states)
+    columns, sizes, counts = count_configurations(codes, kernel.num_states, max_configurations)
     num_configurations, num_groups, K = counts.shape
-    if num_configurations > max_configurations:
-        raise UserError(f"{num_configurations} count configurations (more than {max_configurations}); "
-                        "use the Monte Carlo oracle_bound instead")
     M = len(codes)
     counts, sizes = counts.to(dtype), sizes.to(dtype)
     log_multinomial = torch.lgamma(sizes + 1).sum() - torch.lgamma(counts + 1).sum((-1, -2))  # (C,)
@@ -280,8 +306,7 @@ def oracle_report(kernel, patterns, weights=None, replicates=16, seed=0, exact="
     w = oracle.weights
     method = "exact"
     if exact == "auto":
-        num_configurations = len(count_configurations(oracle.patterns, kernel.num_states)[2])
-        exact = num_configurations <= 200_000
+        exact = exact_cost(oracle.patterns, kernel.num_states) <= 2 ** 23
     if exact:
         per_pattern = oracle_elbo_exact(kernel, oracle.patterns, w)
         elbo_bits, se_bits = float((w * per_pattern).sum()) / LN2, 0.0

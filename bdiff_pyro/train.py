@@ -22,7 +22,7 @@ from pyro.infer import SVI
 from tqdm.auto import tqdm
 
 from . import plots
-from .bound import LN2, negative_elbo_estimate
+from .bound import LN2, negative_elbo_estimate, uniform_step_proposal
 from .checkpoints import CHECKPOINT_NAME, FORMAT, build_process, read_checkpoint, save_atomically
 from .config import save_config
 from .data import load_dataset
@@ -42,14 +42,49 @@ class TrainingStopped(Exception):
 class AnalyticLoss:
     """-ELBO (nats/seq, averaged over the minibatch) as a custom SVI loss.
 
-    ``SVI(model, guide, optim, loss=AnalyticLoss())`` calls it as loss(model, guide, x0); the
+    ``SVI(model, guide, optim, loss=AnalyticLoss(T))`` calls it as loss(model, guide, x0); the
     model is the reverse process, whose kernel and network give the closed-form bound.  One
-    unbiased sample per sequence: a step t and x^t ~ q(x^t | x^0).
+    unbiased sample per sequence: a step t ~ r(t) and x^t ~ q(x^t | x^0).
+
+    With ``importance=True``, r(t) ∝ sqrt(E[L_t^2]) from a running history of each step's
+    term (Nichol & Dhariwal 2021), mixed with 10% uniform so that r > 0 everywhere and the
+    estimate stays unbiased; uniform until every step has been seen.
     """
 
+    def __init__(self, T, importance=False, decay=0.9):
+        self.importance, self.decay = importance, decay
+        self.mean_square = torch.zeros(T + 1, dtype=torch.float64)
+        self.seen = torch.zeros(T + 1, dtype=torch.bool)
+
+    def step_proposal(self, kernel):
+        uniform = uniform_step_proposal(kernel)
+        if not self.importance or not self.seen[uniform > 0].all():
+            return uniform
+        weights = self.mean_square.sqrt().to(uniform)
+        return 0.9 * weights / weights.sum() + 0.1 * uniform
+
     def __call__(self, model, guide, x0):
-        estimates, _ = negative_elbo_estimate(model.kernel, model.log_probs, x0)
+        estimates, t, terms = negative_elbo_estimate(model.kernel, model.log_probs, x0,
+                                                     self.step_proposal(model.kernel))
+        if self.importance:
+            self._remember(t.cpu(), terms.detach().double().cpu())
         return estimates.mean()
+
+    def _remember(self, t, terms):
+        """Exponential moving average of L_t^2 for every step t in the minibatch."""
+        sums = torch.zeros_like(self.mean_square).index_add_(0, t, terms * terms)
+        counts = torch.zeros_like(self.mean_square).index_add_(0, t, torch.ones_like(terms))
+        hit = counts > 0
+        batch_mean = sums[hit] / counts[hit]
+        previous = torch.where(self.seen[hit], self.mean_square[hit], batch_mean)
+        self.mean_square[hit] = self.decay * previous + (1 - self.decay) * batch_mean
+        self.seen[hit] = True
+
+    def state_dict(self):
+        return {"mean_square": self.mean_square.clone(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state):
+        self.mean_square, self.seen = state["mean_square"].clone(), state["seen"].clone()
 
 
 @dataclass
@@ -152,13 +187,16 @@ def train(config, run_dir, resume=False, progress=True, log=print):
     save_config(config, run_dir / "config.yaml")
 
     train_x, val_x = dataset.train.to(device), dataset.val.to(device)
-    svi = SVI(process, partial(forward_chain, process.kernel), optim, loss=AnalyticLoss())
+    loss = AnalyticLoss(process.T, importance=config.train.t_sampling == "importance")
+    if resume and "loss_state" in payload:
+        loss.load_state_dict(payload["loss_state"])
+    svi = SVI(process, partial(forward_chain, process.kernel), optim, loss=loss)
 
     def save():
         save_atomically({
             "format": FORMAT, "config": config.to_dict(), "n": dataset.n,
             "model_state": process.state_dict(), "optim_state": optim.get_state(),
-            "state": vars(state), "rng_state": torch.get_rng_state(),
+            "state": vars(state), "rng_state": torch.get_rng_state(), "loss_state": loss.state_dict(),
         }, run_dir / CHECKPOINT_NAME)
 
     started = time.perf_counter() - state.wall_time
@@ -167,14 +205,14 @@ def train(config, run_dir, resume=False, progress=True, log=print):
     with _InterruptFlag() as interrupt, bar:
         while state.step < config.train.steps:
             batch = train_x[torch.randint(len(train_x), (config.train.batch_size,), device=device)]
-            loss = svi.step(batch)
-            if not math.isfinite(loss):
+            value = svi.step(batch)
+            if not math.isfinite(value):
                 raise TrainingStopped(
-                    f"training diverged at step {state.step + 1} (loss {loss}); the last good checkpoint "
+                    f"training diverged at step {state.step + 1} (loss {value}); the last good checkpoint "
                     f"is {run_dir / CHECKPOINT_NAME} (if one was written); lower train.lr or train.clip_norm",
                     exit_code=1)
             state.step += 1
-            losses.append(loss / LN2)
+            losses.append(value / LN2)
             bar.update(1)
             if state.step % config.train.eval_every == 0 or state.step == config.train.steps:
                 row = _evaluate_during_training(process, dataset, config, state, losses, optim)

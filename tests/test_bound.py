@@ -84,3 +84,17 @@ def test_monte_carlo_estimators_agree_with_exact(pi_1):
 def test_standard_error_needs_two_replicates():
     with pytest.raises(ValueError):
         mean_and_standard_error(torch.zeros(3, 1))
+
+
+def test_importance_sampled_steps_stay_unbiased():
+    """Any proposal r(t) > 0 gives an unbiased estimate of -ELBO; a lopsided one here."""
+    process = make_process(n=3, T=6, pi_1=0.2, seed=4)
+    x0 = all_states(3)
+    proposal = torch.tensor([0, 0, 0.05, 0.05, 0.1, 0.3, 0.5], dtype=torch.float64)
+    with torch.no_grad():
+        exact = elbo_exact(process.kernel, process.log_probs, x0)
+        torch.manual_seed(1)
+        draws = negative_elbo_estimate(process.kernel, process.log_probs, x0.repeat(6000, 1), proposal)[0]
+    draws = draws.view(6000, -1)
+    mean, se = draws.mean(0), draws.std(0) / math.sqrt(6000)
+    assert torch.all((mean + exact).abs() < 4 * se)

@@ -1,0 +1,417 @@
+"""ArviZ diagnostics of a trained run: do independent sampling runs agree, how many effective
+draws are there, what is the Monte Carlo error of the bound K, and do generated sequences look
+like the data?
+
+Generated sequences are independent draws and the bound K is a Monte Carlo estimate, so both
+are laid out as ArviZ chains and draws (each chain an independent sampling run with its own
+seed) and judged with ArviZ's own diagnostics (arviz-base / arviz-stats / arviz-plots, the
+DataTree API).  ``diagnose(run_dir)`` writes, into the run directory:
+
+- ``diagnostics.nc``: an ArviZ DataTree with the groups
+  ``posterior_predictive`` (``x``: generated sequences, dims chain, draw, position),
+  ``observed_data`` (``x``: the training sequences, dims sequence, position) and
+  ``sample_stats`` (dims chain, draw): ``num_ones``, ``nearest_distance`` (Hamming distance to
+  the nearest training sequence), ``is_train`` / ``is_held_out`` / ``is_other`` (0/1: the draw
+  is a training sequence, a held-out one that is not a training one, or neither), ``phase``
+  (periodic data only: the index of the unique nearest support pattern, -1 on a tie) and ``K``
+  (bits/seq: one independent stratified replicate of the bound averaged over the held-out
+  sequences per draw, so the mean over draws is K and ArviZ's MCSE is its Monte Carlo error);
+- ``summary.csv`` / ``summary.md``: arviz_stats.summary (mean, sd, HDI, ESS bulk / tail,
+  R-hat, MCSE) of those statistics, of the phase frequencies and of the per-position rates,
+  with the training data's value alongside (also printed);
+- ``diagnostics_rank.png``, ``diagnostics_ess.png`` (K and the draw statistics),
+  ``diagnostics_ppc.png`` (generated against training data: number of ones, nearest-neighbour
+  distances, per-position rates, pattern / phase frequencies).
+
+Earlier results are never overwritten: when ``diagnostics.nc`` (or its summary) exists the
+next free slot ``diagnostics-2.nc`` / ``summary-2.csv`` / ``diagnostics-2_rank.png`` ... is
+used, unless ``overwrite=True``.
+"""
+
+import math
+import os
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+import yaml
+from tqdm.auto import tqdm
+
+from .bound import LN2, elbo_replicates, first_stochastic_step, pi_correction
+from .checkpoints import process_from_checkpoint, read_checkpoint
+from .data import load_dataset
+from .errors import UserError
+
+DEFAULT_CHAINS = 4
+DEFAULT_DRAWS = 250
+BOUND_SEQUENCES = 16  # held-out sequences averaged per K draw (a random subset when there are more)
+CI_PROB = 0.94
+SAMPLE_DIMS = ("chain", "draw")
+DRAW_STATISTICS = ("K", "num_ones", "nearest_distance", "is_train", "is_held_out", "is_other")
+_ROWS_PER_CALL = 1 << 16  # (t, x^0) rows per elbo_replicates call: bounds the memory used
+
+
+def diagnose(run_dir, chains=DEFAULT_CHAINS, draws=DEFAULT_DRAWS, seed=0, *, overwrite=False,
+             bound_sequences=BOUND_SEQUENCES, plots=True, progress=True, log=print):
+    """ArviZ diagnostics of the model in ``run_dir`` (see the module docstring for the files).
+
+    ``chains`` independent sampling runs of ``draws`` sequences each, chain c seeded from
+    (seed, c); the bound gets ``draws`` independent replicates per chain.  Returns a dict:
+    ``files`` (name -> path), ``K_bits`` / ``K_mcse_bits`` / ``K_ess`` / ``K_r_hat``,
+    ``max_r_hat`` (over the draw statistics), ``summary`` (the pandas summary DataFrame),
+    ``table`` (its Markdown text), ``seconds``.
+    """
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    if chains < 2:
+        raise UserError(f"--chains must be at least 2: R-hat compares chains (got {chains})")
+    if draws < 10:
+        raise UserError(f"--draws must be at least 10 (got {draws})")
+    if bound_sequences < 1:
+        raise UserError(f"bound_sequences must be at least 1 (got {bound_sequences})")
+    where, payload = read_checkpoint(run_dir)
+    if not run_dir.is_dir():
+        run_dir = where.parent
+    config, process = process_from_checkpoint(where, payload)
+    process = process.eval()
+    dataset = load_dataset(config.data)
+    if dataset.n != process.n:
+        raise UserError(f"{where}: the model has n = {process.n} but its data has sequences of length {dataset.n}")
+
+    files = _claim_outputs(run_dir, overwrite)
+    try:
+        seeds = chain_seeds(seed, chains)
+        samples = generate(process, chains, draws, seeds, progress)
+        stats = draw_statistics(samples, dataset)
+        stats["K"] = bound_draws(process, dataset.val, draws, chain_seeds(seed, chains, stream=1),
+                                 bound_sequences, progress)
+        tree = build_datatree(samples, dataset, stats, attrs={
+            "run_dir": str(run_dir), "checkpoint_step": int(payload["state"]["step"]), "chains": chains,
+            "draws": draws, "seed": seed, "chain_seeds": np.asarray(seeds, dtype=np.int64),
+            "bound_sequences": min(bound_sequences, len(dataset.val)),
+            "held_out_sequences": len(dataset.val),
+            "pi_correction_bits": float(pi_correction(process.kernel, dataset.val).mean()) / LN2,
+            "config": yaml.safe_dump(config.to_dict(), sort_keys=False)})
+        _write_netcdf(tree, files["datatree"])
+    except BaseException:
+        files["datatree"].unlink(missing_ok=True)  # release the claimed slot
+        raise
+
+    table = summarise(tree, dataset)
+    table.to_csv(files["summary_csv"], index_label="statistic")
+    markdown = summary_markdown(tree, table)
+    files["summary_md"].write_text(markdown + "\n")
+    log(markdown)
+
+    if plots:
+        plot_rank(tree, files["rank_plot"])
+        plot_ess(tree, files["ess_plot"])
+        plot_ppc(tree, dataset, files["ppc_plot"])
+    else:
+        for key in ("rank_plot", "ess_plot", "ppc_plot"):
+            files.pop(key)
+    seconds = time.perf_counter() - started
+    k = table.loc["K"]
+    draw_rows = [name for name in DRAW_STATISTICS if name in table.index]
+    result = {
+        "files": {key: str(path) for key, path in files.items()},
+        "K_bits": float(k["mean"]), "K_mcse_bits": float(k["mcse_mean"]),
+        "K_ess": float(k["ess_bulk"]), "K_r_hat": float(k["r_hat"]),
+        "max_r_hat": float(np.nanmax(table.loc[draw_rows, "r_hat"].to_numpy(dtype=float))),
+        "summary": table, "table": markdown, "seconds": seconds,
+    }
+    log(f"diagnostics of {chains} chains x {draws} draws in {seconds:.1f} s: {files['datatree']}, "
+        f"{files['summary_csv'].name}, {files['summary_md'].name}"
+        + (f", {files['rank_plot'].name}, {files['ess_plot'].name}, {files['ppc_plot'].name}" if plots else ""))
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Output files
+
+
+def output_names(slot):
+    """File names of the ``slot``-th diagnose run in a run directory (1, 2, ...)."""
+    stem, summary = ("diagnostics", "summary") if slot == 1 else (f"diagnostics-{slot}", f"summary-{slot}")
+    return {"datatree": f"{stem}.nc", "summary_csv": f"{summary}.csv", "summary_md": f"{summary}.md",
+            "rank_plot": f"{stem}_rank.png", "ess_plot": f"{stem}_ess.png", "ppc_plot": f"{stem}_ppc.png"}
+
+
+def _claim_outputs(run_dir, overwrite):
+    """The paths of the first free slot, its .nc file created empty so that a concurrent run
+    takes the next one; with ``overwrite`` the first slot, whatever it holds."""
+    for slot in range(1, 10000):
+        paths = {key: run_dir / name for key, name in output_names(slot).items()}
+        if overwrite:
+            return paths
+        if any(path.exists() for path in paths.values()):
+            continue
+        try:
+            paths["datatree"].open("x").close()
+        except FileExistsError:
+            continue
+        return paths
+    raise UserError(f"{run_dir}: no free name for diagnostics (9999 earlier runs); pass overwrite")
+
+
+def _write_netcdf(tree, path):
+    """DataTree -> NetCDF4 (h5netcdf) through a temporary file renamed over ``path``."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        tree.to_netcdf(temporary, engine="h5netcdf")
+        os.replace(temporary, path)
+    except ImportError:
+        raise UserError("writing diagnostics.nc needs the h5netcdf package (pip install h5netcdf)") from None
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def open_diagnostics(path):
+    """Read a diagnostics.nc back as an ArviZ DataTree (loaded into memory, file closed)."""
+    with xr.open_datatree(path, engine="h5netcdf") as tree:
+        return tree.load()
+
+
+# ---------------------------------------------------------------------------------------
+# Draws
+
+
+def chain_seeds(seed, chains, stream=0):
+    """One independent torch seed per chain (stream 0: sampling, 1: the bound); chain c's seed
+    does not depend on the number of chains."""
+    children = np.random.SeedSequence([seed, stream]).spawn(chains)
+    return [int(child.generate_state(1, dtype=np.uint32)[0]) for child in children]
+
+
+def generate(process, chains, draws, seeds, progress=False):
+    """(chains, draws, n) uint8 sequences, chain c = process.sample(draws, seed=seeds[c])."""
+    out = np.empty((chains, draws, process.n), dtype=np.uint8)
+    with tqdm(total=chains * draws, disable=not progress, desc="sample", unit="seq") as bar:
+        for c in range(chains):
+            out[c] = process.sample(draws, seed=seeds[c]).to(torch.uint8).cpu().numpy()
+            bar.update(draws)
+    return out
+
+
+def hamming_to_nearest(x, reference, chunk=4096):
+    """(M, n) and (R, n) 0/1 arrays -> (distance to the nearest reference row, its index);
+    the index is -1 where several rows are equally near."""
+    xs = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    best = torch.full((len(xs),), xs.shape[1] + 1, dtype=torch.int64)
+    index = torch.full((len(xs),), -1, dtype=torch.int64)
+    for start in range(0, len(reference), chunk):
+        ref = torch.as_tensor(np.asarray(reference[start:start + chunk]), dtype=torch.float32)
+        distance = (xs @ (1 - ref).T + (1 - xs) @ ref.T).round().to(torch.int64)  # (M, chunk)
+        low, where = distance.min(1)
+        ties = (distance == low.unsqueeze(1)).sum(1) > 1
+        closer, equal = low < best, low == best
+        index = torch.where(closer, torch.where(ties, -1, where + start), torch.where(equal, -1, index))
+        best = torch.minimum(best, low)
+    return best.numpy(), index.numpy()
+
+
+def _row_keys(rows):
+    return {row.tobytes() for row in np.asarray(rows, dtype=np.uint8)}
+
+
+def draw_statistics(samples, dataset):
+    """Per-draw statistics of (chains, draws, n) samples, each of shape (chains, draws)."""
+    chains, draws, n = samples.shape
+    flat = samples.reshape(-1, n)
+    train = dataset.train.to(torch.uint8).cpu().numpy()
+    val = dataset.val.to(torch.uint8).cpu().numpy()
+    train_keys = _row_keys(train)
+    val_keys = _row_keys(val) - train_keys
+    keys = [row.tobytes() for row in flat]
+    is_train = np.array([key in train_keys for key in keys])
+    is_held_out = np.array([key in val_keys for key in keys])
+    stats = {
+        "num_ones": flat.sum(1, dtype=np.int64),
+        "nearest_distance": hamming_to_nearest(flat, train)[0],
+        "is_train": is_train, "is_held_out": is_held_out, "is_other": ~(is_train | is_held_out),
+    }
+    if dataset.support is not None:
+        stats["phase"] = hamming_to_nearest(flat, dataset.support.to(torch.uint8).cpu().numpy())[1]
+    small = {"num_ones": np.int16, "nearest_distance": np.int16, "phase": np.int16}
+    return {name: value.astype(small.get(name, np.int8)).reshape(chains, draws) for name, value in stats.items()}
+
+
+def bound_draws(process, x_val, draws, seeds, bound_sequences=BOUND_SEQUENCES, progress=False):
+    """(chains, draws) independent estimates of the bound (ELBO) averaged over the held-out
+    sequences, in bits/seq: draw d of chain c is one stratified replicate
+    (``bound.elbo_replicates``) averaged over the held-out sequences, or, when there are more
+    than ``bound_sequences`` of them, over a fresh uniformly random subset of that many (an
+    unbiased estimate of the same average).  Chain c runs under torch seed ``seeds[c]``."""
+    kernel = process.kernel
+    x_val = x_val.to(kernel.log_pi.device)
+    num = len(x_val)
+    size = min(num, bound_sequences)
+    steps = kernel.T + 1 - first_stochastic_step(kernel)
+    per_call = max(1, _ROWS_PER_CALL // (steps * size))
+    out = np.empty((len(seeds), draws))
+    with tqdm(total=len(seeds) * draws, disable=not progress, desc="bound", unit="draw") as bar:
+        for c, chain_seed in enumerate(seeds):
+            with torch.random.fork_rng(), torch.no_grad():
+                torch.manual_seed(chain_seed)
+                for start in range(0, draws, per_call):
+                    r = min(per_call, draws - start)
+                    if size == num:
+                        estimates = elbo_replicates(kernel, process.log_probs, x_val, r).mean(0)
+                    else:
+                        subsets = torch.stack([torch.randperm(num)[:size] for _ in range(r)])
+                        rows = elbo_replicates(kernel, process.log_probs, x_val[subsets.reshape(-1)], 1)
+                        estimates = rows.view(r, size).mean(1)
+                    out[c, start:start + r] = estimates.double().cpu().numpy() / LN2
+                    bar.update(r)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The DataTree
+
+
+def build_datatree(samples, dataset, stats, attrs=None):
+    """The ArviZ DataTree of a diagnose run (groups posterior_predictive, observed_data,
+    sample_stats; see the module docstring)."""
+    chains, draws, n = samples.shape
+    coords = {"chain": np.arange(chains), "draw": np.arange(draws)}
+    train = dataset.train.to(torch.uint8).cpu().numpy()
+    predictive = xr.Dataset(
+        {"x": (("chain", "draw", "position"), samples, {"description": "generated sequences"})},
+        coords={**coords, "position": np.arange(n)})
+    observed = xr.Dataset(
+        {"x": (("sequence", "position"), train, {"description": "training sequences"})},
+        coords={"sequence": np.arange(len(train)), "position": np.arange(n)})
+    descriptions = {
+        "K": ("bits/seq", "one independent Monte Carlo replicate of the bound (ELBO on log2 p) "
+              "averaged over the held-out sequences; its mean over draws is K"),
+        "num_ones": ("", "number of ones in the generated sequence"),
+        "nearest_distance": ("", "Hamming distance to the nearest training sequence"),
+        "is_train": ("", "1 if the generated sequence is a training sequence"),
+        "is_held_out": ("", "1 if it is a held-out sequence and not a training sequence"),
+        "is_other": ("", "1 if it is neither a training nor a held-out sequence"),
+        "phase": ("", "index of the unique nearest support pattern (periodic data), -1 on a tie"),
+    }
+    variables = {}
+    for name in ("K", *[key for key in descriptions if key != "K"]):
+        if name in stats:
+            units, text = descriptions[name]
+            variables[name] = (SAMPLE_DIMS, stats[name], {"description": text, **({"units": units} if units else {})})
+    sample_stats = xr.Dataset(variables, coords=coords)
+    root = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "inference_library": "bdiff_pyro", **(attrs or {})}
+    if dataset.support is not None:
+        # the patterns the phase indexes, as one string "10000... 01000... ..."
+        sample_stats["phase"].attrs["support"] = " ".join(
+            "".join(map(str, row)) for row in dataset.support.to(torch.uint8).tolist())
+    tree = xr.DataTree.from_dict({"posterior_predictive": predictive, "observed_data": observed,
+                                  "sample_stats": sample_stats})
+    tree.attrs = root
+    return tree
+
+
+# ---------------------------------------------------------------------------------------
+# Summary
+
+
+def _summary_dataset(tree):
+    """The draw statistics, phase frequencies and per-position rates, each with dims
+    (chain, draw[, ...]): the quantities the summary table describes."""
+    stats = tree["sample_stats"].to_dataset()
+    variables = {name: stats[name].astype(float) for name in DRAW_STATISTICS}
+    if "phase" in stats:
+        phases = np.arange(len(stats["phase"].attrs["support"].split()))
+        frequency = (stats["phase"] == xr.DataArray(phases, dims="phase")).astype(float)
+        variables["phase_frequency"] = frequency.assign_coords(phase=phases)
+    variables["rate"] = tree["posterior_predictive"]["x"].astype(float)
+    return xr.Dataset(variables)
+
+
+def _data_values(tree, dataset, index):
+    """The training data's value of each summary row (NaN where there is none)."""
+    train = dataset.train.to(torch.uint8).cpu().numpy()
+    values = {"num_ones": train.sum(1).mean(), "nearest_distance": 0.0, "is_train": 1.0}
+    for i, rate in enumerate(train.mean(0)):
+        values[f"rate[{i}]"] = rate
+    if "phase" in tree["sample_stats"]:
+        support = dataset.support.to(torch.uint8).cpu().numpy()
+        _, phase = hamming_to_nearest(train, support)
+        for p in range(len(support)):
+            values[f"phase_frequency[{p}]"] = float(np.mean(phase == p))
+    return [values.get(name, np.nan) for name in index]
+
+
+def summarise(tree, dataset, ci_prob=CI_PROB):
+    """arviz_stats.summary of the draw statistics, phase frequencies and per-position rates
+    (rows), with a ``data`` column holding the training data's value.
+
+    arviz-stats 0.8.0's summary labels its interval with ``ci_kind`` but always computes an
+    equal-tailed one; the HDI columns are therefore recomputed here with arviz_stats.hdi."""
+    import arviz_stats as azs
+    from arviz_base import dataset_to_dataframe
+
+    data = _summary_dataset(tree)
+    table = azs.summary(data, kind="all", ci_kind="hdi", ci_prob=ci_prob, round_to="none")
+    hdi = data.azstats.hdi(prob=ci_prob, dim=list(SAMPLE_DIMS))
+    bounds = dataset_to_dataframe(hdi, sample_dims=["ci_bound"]).T
+    percent = round(ci_prob * 100)
+    table[f"hdi{percent}_lb"] = bounds.loc[table.index, "lower"].to_numpy(dtype=float)
+    table[f"hdi{percent}_ub"] = bounds.loc[table.index, "upper"].to_numpy(dtype=float)
+    table.insert(0, "data", _data_values(tree, dataset, table.index))
+    return table
+
+
+def _fmt(value, digits):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def summary_markdown(tree, table):
+    """The Markdown summary: K as estimate ± MCSE, then the table (per-position rates folded
+    into one line; they are all in summary.csv)."""
+    attrs = tree.attrs
+    k = table.loc["K"]
+    percent = [c for c in table.columns if c.startswith("hdi")][0][3:-3]
+    lines = [f"K = {k['mean']:.4f} ± {k['mcse_mean']:.4f} bits/seq (estimate ± MCSE; "
+             f"ESS {k['ess_bulk']:.0f} of {attrs['chains'] * attrs['draws']} draws, R-hat {k['r_hat']:.3f}), "
+             f"{attrs['chains']} chains x {attrs['draws']} draws, seed {attrs['seed']}",
+             "",
+             f"| statistic | data | mean ± MCSE | sd | hdi{percent} | ess bulk | ess tail | r_hat |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, row in table.iterrows():
+        if name.startswith("rate["):
+            continue
+        digits = 4 if name == "K" else 3
+        lines.append(
+            f"| {name} | {_fmt(row['data'], digits)} | {_fmt(row['mean'], digits)} ± {_fmt(row['mcse_mean'], digits)} "
+            f"| {_fmt(row['sd'], digits)} | [{_fmt(row[f'hdi{percent}_lb'], digits)}, {_fmt(row[f'hdi{percent}_ub'], digits)}] "
+            f"| {_fmt(row['ess_bulk'], 0)} | {_fmt(row['ess_tail'], 0)} | {_fmt(row['r_hat'], 3)} |")
+    rates = table[table.index.str.startswith("rate[")]
+    if len(rates):
+        gap = (rates["mean"] - rates["data"]).abs()
+        lines += ["", f"per-position rates ({len(rates)} positions, rows rate[i] of the CSV): "
+                      f"max |generated - data| = {gap.max():.3f} (at {gap.idxmax()}), "
+                      f"max MCSE {rates['mcse_mean'].max():.3f}, max R-hat {np.nanmax(rates['r_hat']):.3f}"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_rank(tree, path):
+    pass
+
+
+def plot_ess(tree, path):
+    pass
+
+
+def plot_ppc(tree, dataset, path):
+    pass
