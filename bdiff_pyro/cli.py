@@ -43,7 +43,7 @@ def cmd_sample(args):
     if args.num < 1:
         raise UserError(f"-n must be at least 1 (got {args.num})")
     process = load(args.checkpoint)
-    samples = process.sample(args.num, seed=args.seed)
+    samples = process.sample(args.num, seed=args.seed, steps=args.steps)
     text = "\n".join("".join(str(int(v)) for v in row) for row in samples.tolist()) + "\n"
     if args.out:
         out = Path(args.out)
@@ -63,6 +63,8 @@ def cmd_evaluate(args):
     x0 = read_sequences(args.data)
     if x0.shape[1] != process.n:
         raise UserError(f"{args.data}: sequences of length {x0.shape[1]}, but the model has n = {process.n}")
+    if args.replicates < 2:
+        raise UserError(f"--replicates must be at least 2 for a standard error (got {args.replicates})")
     report = bound_report(process, x0, replicates=args.replicates, seed=args.seed)
     print(f"K = {report['elbo_bits']:.4f} ± {report['se_bits']:.4f} bits/seq "
           f"({len(x0)} sequences, {args.replicates} replicates; paper's K without pi correction: "
@@ -91,6 +93,7 @@ def build_parser():
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="write lines of 0/1 here instead of standard output")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--steps", type=int, help="strided sampling with this many network evaluations (x0 models)")
     p.set_defaults(func=cmd_sample)
 
     p = commands.add_parser("evaluate", help="the bound K on a data file, in bits/seq")

@@ -210,7 +210,8 @@ def evaluate(process, x0, config):
     log_p, t_log_p = timed(enum.exact_log_likelihood, process, x0)
     mc_sum, mc_se_sum = enum.trace_elbo_estimate(process, x0, est["trace_elbo_particles"],
                                                  est["trace_elbo_batches"])
-    is_values, is_se = enum.importance_log_likelihood(process, x0, est["importance_samples"])
+    is_values, is_se, is_ess = enum.importance_log_likelihood(process, x0, est["importance_samples"],
+                                                              return_ess=True)
     bits = lambda v: float(v) / LN2  # noqa: E731
     return {
         "K_analytic": bits(k_value.mean()),
@@ -222,6 +223,7 @@ def evaluate(process, x0, config):
         "log_p_exact": bits(log_p.mean()),
         "log_p_importance": bits(is_values.mean()),
         "log_p_importance_se": bits(is_se.pow(2).sum().sqrt() / P),
+        "importance_min_ess": float(is_ess.min()),
         "seconds_analytic": t_analytic,
         "seconds_traceenum": t_enum,
         "seconds_exact_log_p": t_log_p,
@@ -296,17 +298,20 @@ def markdown_tables(rows, scaling, config):
         f"{config['network']['parameterisation']} parameterisation. "
         "K: analytic bound, exact in x^t. TraceEnum: Pyro TraceEnum_ELBO, forward chain "
         "enumerated. |diff|: largest |analytic ELBO - TraceEnum| over the patterns. "
-        "Trace_ELBO and IS: Monte Carlo, ± one standard error.",
+        "Trace_ELBO and IS: Monte Carlo, ± one standard error; ESS: the smallest effective "
+        f"sample size of the {config['estimators']['importance_samples']} importance weights "
+        "over the patterns (when it is small the IS standard error is not to be trusted).",
         "",
-        "| n | T | schedule | network | K | TraceEnum ELBO | \\|diff\\| | Trace_ELBO | log p exact | log p IS |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| n | T | schedule | network | K | TraceEnum ELBO | \\|diff\\| | Trace_ELBO | log p exact | log p IS | ESS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['n']} | {r['T']} | {r['schedule']} | {r['network']} | {_fmt(r['K_analytic'])} "
             f"| {_fmt(r['elbo_traceenum'])} | {r['max_abs_diff_analytic_traceenum']:.1e} "
             f"| {_fmt(r['trace_elbo'])} ± {_fmt(r['trace_elbo_se'])} | {_fmt(r['log_p_exact'])} "
-            f"| {_fmt(r['log_p_importance'])} ± {_fmt(r['log_p_importance_se'])} |")
+            f"| {_fmt(r['log_p_importance'])} ± {_fmt(r['log_p_importance_se'])} "
+            f"| {r['importance_min_ess']:.0f} |")
     sc = config["scaling"]
     lines += [
         "",

@@ -402,16 +402,152 @@ def summary_markdown(tree, table):
 
 
 # ---------------------------------------------------------------------------------------
-# Plots
+# Plots (arviz-plots, matplotlib backend)
+
+CONVERGENCE_VARIABLES = ("K", "num_ones", "nearest_distance")
+LABELS = {"K": "K (bits/seq)", "num_ones": "number of ones", "nearest_distance": "distance to nearest training seq."}
+MAX_PATTERNS = 8  # pattern frequencies: the support, or the most frequent training sequences
 
 
-def plot_rank(tree, path):
-    pass
+def _figure(pc):
+    return pc.viz["figure"].item()
 
 
-def plot_ess(tree, path):
-    pass
+def _save(fig, path):
+    fig.savefig(path, dpi=80)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def plot_convergence(tree, path):
+    """Rank plots (left) and local ESS (right) of K and the draw statistics, one row each."""
+    import arviz_plots as azp
+
+    names = [name for name in CONVERGENCE_VARIABLES if name in tree["sample_stats"]]
+    stats = tree["sample_stats"]
+    total = stats.sizes["chain"] * stats.sizes["draw"]
+    pc = azp.combine_plots(
+        tree, [(azp.plot_rank, {}), (azp.plot_ess, {"min_ess": min(400, total)})], group="sample_stats",
+        var_names=names, backend="matplotlib", plot_names=["rank", "ess"], aes={"color": ["chain"]},
+        figure_kwargs={"figsize": (10, 2.4 * len(names) + 0.6)})
+    for row, name in enumerate(names):
+        rank, ess = pc.iget_target(row, 0), pc.iget_target(row, 1)
+        rank.set_title(f"{LABELS[name]}: rank ECDF - uniform, by chain", fontsize=10)
+        ess.set_title(f"{LABELS[name]}: local ESS (of {total} draws)", fontsize=10)
+        ess.axhline(total, color="0.3", lw=0.8, ls=":")
+        ess.set_ylim(0, 1.15 * max(total, ess.get_ylim()[1]))
+        ess.set_ylabel("ESS")
+    pc.iget_target(len(names) - 1, 0).set_xlabel("fractional rank")
+    pc.iget_target(len(names) - 1, 1).set_xlabel("quantile")
+    fig = _figure(pc)
+    handles = [matplotlib_line(f"C{c}", f"chain {c}") for c in range(stats.sizes["chain"])]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _save(fig, path)
+
+
+def matplotlib_line(color, label):
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], color=color, label=label)
+
+
+def _patterns(dataset):
+    """The patterns whose frequencies are compared: the support (periodic data), otherwise the
+    most frequent training sequences; (uint8 (P, n) array, training frequency of each)."""
+    train = dataset.train.to(torch.uint8).cpu().numpy()
+    if dataset.support is not None:
+        patterns = dataset.support.to(torch.uint8).cpu().numpy()
+    else:
+        unique, counts = np.unique(train, axis=0, return_counts=True)
+        patterns = unique[np.argsort(-counts, kind="stable")[:MAX_PATTERNS]]
+    index = {row.tobytes(): p for p, row in enumerate(patterns)}
+    codes = np.array([index.get(row.tobytes(), len(patterns)) for row in train])
+    return patterns, np.bincount(codes, minlength=len(patterns) + 1) / len(train)
+
+
+def replicate_size(num_train, chains, draws):
+    """Sequences per replicated data set in the predictive checks: the training set's size,
+    but small enough to leave at least 100 replicates."""
+    return max(1, min(num_train, chains * draws // 100))
+
+
+def _ppc_tree(tree, dataset, seed=0):
+    """Replicated data sets of m generated sequences (m = replicate_size) next to the data,
+    as an ArviZ posterior_predictive / observed_data pair, one variable per panel."""
+    x = tree["posterior_predictive"]["x"].values.astype(np.int64)
+    distance = tree["sample_stats"]["nearest_distance"].values.astype(np.int64)
+    chains, draws, n = x.shape
+    train = dataset.train.to(torch.uint8).cpu().numpy().astype(np.int64)
+    val = dataset.val.to(torch.uint8).cpu().numpy().astype(np.int64)
+    m = replicate_size(len(train), chains, draws)
+    reps = draws // m
+    x = x[:, :reps * m].reshape(chains, reps, m, n)
+    m_val = min(m, len(val))
+    patterns, data_frequency = _patterns(dataset)
+    index = {row.tobytes(): p for p, row in enumerate(patterns.astype(np.uint8))}
+    codes = np.array([index.get(row.tobytes(), len(patterns)) for row in x.reshape(-1, n).astype(np.uint8)])
+    frequency = (codes.reshape(chains, reps, m, 1) == np.arange(len(patterns) + 1)).mean(2)
+    rng = np.random.default_rng(seed)
+    observed_train = train[rng.choice(len(train), m, replace=False)]
+    observed_val = val[rng.choice(len(val), m_val, replace=False)]
+    predictive = xr.Dataset({
+        "num_ones": (("chain", "draw", "sequence"), x.sum(-1)),
+        "nearest_distance": (("chain", "draw", "held_out_sequence"),
+                             distance[:, :reps * m].reshape(chains, reps, m)[:, :, :m_val]),
+        "rate": (("chain", "draw", "position"), x.mean(2)),
+        "pattern_frequency": (("chain", "draw", "pattern"), frequency),
+    }, coords={"chain": np.arange(chains), "draw": np.arange(reps)})
+    observed = xr.Dataset({
+        "num_ones": ("sequence", observed_train.sum(-1)),
+        "nearest_distance": ("held_out_sequence", hamming_to_nearest(observed_val, train)[0].astype(np.int64)),
+        "rate": ("position", train.mean(0)),
+        "pattern_frequency": ("pattern", data_frequency),
+    })
+    return xr.DataTree.from_dict({"posterior_predictive": predictive, "observed_data": observed}), m, m_val, patterns
+
+
+def _pattern_label(row):
+    text = "".join(map(str, row))
+    return text if len(text) <= 24 else text[:21] + "..."
 
 
 def plot_ppc(tree, dataset, path):
-    pass
+    """Generated against training data, over replicated data sets of m generated sequences
+    (m = the training set's size when there are enough draws): number of ones and distance to
+    the nearest training sequence (rootograms), per-position rates and pattern frequencies
+    (mean and 50% / 94% intervals over the replicates; the data as black dots)."""
+    import arviz_plots as azp
+    from arviz_plots import PlotCollection
+
+    ppc, m, m_val, patterns = _ppc_tree(tree, dataset)
+    pc = PlotCollection.wrap(ppc["posterior_predictive"].to_dataset(), cols=["__variable__"], col_wrap=2,
+                             backend="matplotlib", figure_kwargs={"figsize": (11, 7.5)})
+    off = {"xlabel": False, "ylabel": False, "title": False}
+    azp.plot_ppc_rootogram(ppc, var_names=["num_ones", "nearest_distance"], plot_collection=pc,
+                           yscale="linear", visuals=off, ci_prob=CI_PROB)
+    azp.plot_ppc_interval(ppc, var_names=["rate", "pattern_frequency"], plot_collection=pc, point_estimate="mean",
+                          ci_probs=(0.5, CI_PROB), visuals=off)
+    titles = {
+        "num_ones": (f"number of ones, in {m} sequences", "number of ones", "sequences"),
+        "nearest_distance": (f"distance to nearest training seq., {m_val} sequences",
+                             "Hamming distance", "sequences"),
+        "rate": (f"per-position rate of ones, in {m} sequences", "position", "rate"),
+        "pattern_frequency": (f"pattern frequencies, in {m} sequences", "", "frequency"),
+    }
+    for name, (title, xlabel, ylabel) in titles.items():
+        ax = pc.get_target(name, {})
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    ax = pc.get_target("pattern_frequency", {})
+    labels = [_pattern_label(row) for row in patterns] + ["other"]
+    ax.set_xticks(range(len(labels)), labels, rotation=40, ha="right", fontsize=7, family="monospace")
+    fig = _figure(pc)
+    fig.legend(handles=[matplotlib_line("C0", f"generated: mean and {round(CI_PROB * 100)}% interval over "
+                                              "replicated data sets"),
+                        matplotlib_line("black", "data (held-out for the distance, training otherwise)")],
+               loc="lower center", ncol=2, frameon=False, fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _save(fig, path)

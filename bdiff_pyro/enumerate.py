@@ -149,6 +149,15 @@ def check_enumerable(n, num_states=2, max_states=MAX_JOINT_STATES):
         )
 
 
+def check_sequences(process, x0):
+    """Raise UserError unless x0 is a (B, n) batch of states 0..K-1 matching the process."""
+    K = process.kernel.num_states
+    if x0.dim() != 2 or x0.shape[-1] != process.n:
+        raise UserError(f"expected sequences of shape (B, {process.n}), got {tuple(x0.shape)}")
+    if x0.numel() and (bool((x0 != x0.round()).any()) or x0.min() < 0 or x0.max() > K - 1):
+        raise UserError(f"sequences must hold the states 0..{K - 1} only")
+
+
 def _unique_rows(x0):
     """Distinct sequences and, for every row, the index of its distinct sequence."""
     unique, inverse = torch.unique(x0, dim=0, return_inverse=True)
@@ -167,6 +176,7 @@ def enumerated_elbo(process, x0, max_states=MAX_JOINT_STATES):
     """The exact ELBO E_q[log p(x^{0:T}) - log q(x^{1:T} | x^0)] of every row of x0 (nats),
     from TraceEnum_ELBO with the forward chain enumerated in the guide.  Shape (B,)."""
     check_enumerable(x0.shape[-1], process.kernel.num_states, max_states)
+    check_sequences(process, x0)
     elbo = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING)
     model = functools.partial(joint_model, process)
     guide = functools.partial(joint_guide, process)
@@ -178,9 +188,12 @@ def exact_log_likelihood(process, x0, max_states=MAX_JOINT_STATES):
     """log p(x^0) of every row of x0 (nats), shape (B,): the model's latents x^1..x^T
     enumerated by TraceEnum_ELBO with an empty guide (then -loss is log p(x^0) exactly).
 
-    Costs about T S^2 per distinct sequence, S = K^n; raises UserError when S > max_states.
+    Costs about T S^2 per distinct sequence, S = K^n; raises UserError when S > max_states
+    or x0 is not a batch of this process's sequences.  Exact to the precision of the
+    process: call ``process.double()`` first for float64.
     """
     check_enumerable(x0.shape[-1], process.kernel.num_states, max_states)
+    check_sequences(process, x0)
     elbo = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING)
     model = config_enumerate(functools.partial(joint_model, process), default="parallel")
     guide = functools.partial(empty_guide, process)
@@ -281,16 +294,25 @@ def log_mean_exp_with_se(log_w):
     return estimate, se
 
 
-def importance_log_likelihood(process, x0, num_samples=1000, chunk=4096):
+def effective_sample_size(log_w):
+    """Kish's effective sample size (sum w)^2 / sum w^2 over the last dimension: far below
+    S when a few weights dominate, and then the delta-method standard error is too small."""
+    return torch.exp(2 * torch.logsumexp(log_w, -1) - torch.logsumexp(2 * log_w, -1))
+
+
+def importance_log_likelihood(process, x0, num_samples=1000, chunk=4096, return_ess=False):
     """Importance-sampled log p(x^0) of every row of x0 (nats), the forward chain as the
     proposal: log mean_s exp(log p(x^{0:T}_s) - log q(x^{1:T}_s | x^0)), s = 1..S.
 
-    Returns (estimates (B,), standard errors (B,) by the delta method).  For finite S it is
-    biased low (Jensen): its expectation lies between the ELBO and log p(x^0), and it
-    converges to log p(x^0) as S grows.  ``chunk`` bounds the trajectories drawn at once.
+    Returns (estimates (B,), standard errors (B,) by the delta method), and the effective
+    sample sizes (B,) when ``return_ess``.  For finite S it is biased low (Jensen): its
+    expectation lies between the ELBO and log p(x^0), and it converges to log p(x^0) as S
+    grows.  ``chunk`` bounds the trajectories drawn at once.
     """
     unique, inverse = _unique_rows(x0)
     log_w = torch.cat([importance_log_weights(process, unique, min(chunk, num_samples - start))
-                       for start in range(0, num_samples, chunk)])  # (S, U)
-    estimate, se = log_mean_exp_with_se(log_w.T)
+                       for start in range(0, num_samples, chunk)]).T  # (U, S)
+    estimate, se = log_mean_exp_with_se(log_w)
+    if return_ess:
+        return estimate[inverse], se[inverse], effective_sample_size(log_w)[inverse]
     return estimate[inverse], se[inverse]

@@ -13,6 +13,7 @@ closed form for ``cumulative_matrices``).
 
 States are integer codes 0..K-1; for bits the code is the bit.  Tables are built in
 float64 and stored as log-probabilities, so ``kernel.double()`` gives float64 everywhere.
+They are derived from the configuration, so they are not saved in checkpoints.
 """
 
 import math
@@ -117,9 +118,15 @@ class DiscreteKernel(nn.Module):
         self.T = int(T)
         self.num_states = int(num_states)
         Q = self.step_matrices()
-        self.register_buffer("log_Q", torch.log(Q))
-        self.register_buffer("log_Qbar", torch.log(self.cumulative_matrices(Q)))
-        self.register_buffer("log_pi", torch.log(self.stationary))
+        self.register_buffer("log_Q", torch.log(Q), persistent=False)
+        self.register_buffer("log_Qbar", torch.log(self.cumulative_matrices(Q)), persistent=False)
+        self.register_buffer("log_pi", torch.log(self.stationary), persistent=False)
+        # posterior table [t, x^t, x^0, k] = log q(x^{t-1} = k | x^t, x^0), built once in float64
+        # (row t = 0 is never used and holds the uniform distribution, not NaN)
+        table = torch.full((self.T + 1,) + (self.num_states,) * 3, -math.log(self.num_states), dtype=Q.dtype)
+        for t in range(1, self.T + 1):
+            table[t] = posterior_table(self.log_Q[t], self.log_Qbar[t - 1])
+        self.register_buffer("log_posterior", table, persistent=False)
 
     # -- what a kernel defines ------------------------------------------------------------
     def step_matrices(self):
@@ -158,28 +165,34 @@ class DiscreteKernel(nn.Module):
         return _rows(self.log_Qbar, t, x0)
 
     def q_posterior_log_probs(self, x_t, x0, t):
-        """Normalised log q(x^{t-1} = k | x^t, x^0), for t >= 2 (DESIGN.md sections 1, 4).
+        """Normalised log q(x^{t-1} = k | x^t, x^0), for t >= 2 (DESIGN.md sections 1, 4):
+        a look-up in the table built by :func:`posterior_table`."""
+        x_t, x0 = torch.broadcast_tensors(_index(x_t), _index(x0))
+        if isinstance(t, int):
+            return self.log_posterior[t][x_t, x0]
+        t = torch.as_tensor(t, device=x_t.device).long().unsqueeze(-1).expand(x_t.shape)
+        return self.log_posterior[t, x_t, x0]
 
-            q(x^{t-1} = k | x^t, x^0)  ∝  Q_t[k, x^t] Qbar_{t-1}[x^0, k]
-
-        normalised over k by logsumexp (the normaliser is q(x^t | x^0)).
-        """
-        likelihood = _rows(self.log_Q.transpose(-1, -2), t, x_t)  # Q_t[k, x^t] over k
-        prior = _rows(self.log_Qbar, _minus_one(t), x0)  # Qbar_{t-1}[x^0, k]
-        return normalise(likelihood + prior)
-
-    def q_posterior_log_probs_mixture(self, x_t, x0_log_probs, t):
-        """log sum_v q(x^{t-1} = k | x^t, x^0 = v) P(x^0 = v)  (DESIGN.md section 3).
+    def q_posterior_log_probs_mixture(self, x_t, x0_log_probs, t, s=None):
+        """log sum_v q(x^s = k | x^t, x^0 = v) P(x^0 = v), s = t - 1 unless given (DESIGN.md 3).
 
         x0_log_probs: (..., n, K) log P(x^0 = v) per dimension.  This is the through-x^0
-        parameterisation of the reverse step and also the oracle's form.
+        parameterisation of the reverse step (also the oracle's form); with s < t - 1 it is
+        the strided jump.  Mixed in probability space: a sum of non-negative terms.
         """
-        likelihood = _rows(self.log_Q.transpose(-1, -2), t, x_t).unsqueeze(-2)  # (..., n, 1, K)
-        prior = self.log_Qbar[_minus_one(t)]  # (K_v, K) or (..., K_v, K)
-        if not isinstance(t, int):
-            prior = prior.unsqueeze(-3)  # (..., 1, K_v, K) to broadcast over dimensions
-        posterior = normalise(likelihood + prior)  # (..., n, K_v, K)
-        return torch.logsumexp(x0_log_probs.unsqueeze(-1) + posterior, dim=-2)
+        if s is None or (isinstance(t, int) and s == t - 1):
+            table = _rows(self.log_posterior, t, x_t)  # (..., n, K_v, K)
+        else:
+            table = posterior_table(self.log_span(s, t), self.log_Qbar[s])[_index(x_t)]
+        mixture = (x0_log_probs.exp().unsqueeze(-1) * table.exp()).sum(-2)  # (..., n, K)
+        return mixture.log()
+
+    def log_span(self, s, t):
+        """log of the s -> t transition matrix Q_{s+1} ... Q_t (products; closed forms override)."""
+        span = torch.eye(self.num_states, dtype=self.log_Q.dtype, device=self.log_Q.device)
+        for step in range(s + 1, t + 1):
+            span = span @ self.log_Q[step].exp()
+        return span.log()
 
     def edge_log_probs(self, x1):
         """The paper's edge step log p(x^0 = k | x^1) = log q(x^1 | x^0 = k) + log pi_k - log pi(x^1).
@@ -198,8 +211,14 @@ class DiscreteKernel(nn.Module):
         return dist.Categorical(logits=log_probs)
 
 
-def _minus_one(t):
-    return t - 1 if isinstance(t, int) else torch.as_tensor(t) - 1
+def posterior_table(log_span, log_prior):
+    """The one place the posterior is formed: table[j, v, k] = log q(x^s = k | x^t = j, x^0 = v)
+
+        q(x^s = k | x^t = j, x^0 = v)  ∝  M[k, j] Qbar_s[v, k]
+
+    with M the s -> t transition (Q_t for s = t - 1), normalised over k by logsumexp.
+    """
+    return normalise(log_span.T.unsqueeze(1) + log_prior.unsqueeze(0))
 
 
 class ResampleKernel(DiscreteKernel):
@@ -219,8 +238,8 @@ class ResampleKernel(DiscreteKernel):
         self._pi = pi
         self._beta_tilde = torch.as_tensor(beta_tilde, dtype=torch.float64)
         super().__init__(len(self._beta_tilde) - 1, len(pi))
-        self.register_buffer("beta_tilde", self._beta_tilde.clone())
-        self.register_buffer("betas", betas_from_beta_tilde(self._beta_tilde))
+        self.register_buffer("beta_tilde", self._beta_tilde.clone(), persistent=False)
+        self.register_buffer("betas", betas_from_beta_tilde(self._beta_tilde), persistent=False)
 
     @property
     def stationary(self):
@@ -237,6 +256,11 @@ class ResampleKernel(DiscreteKernel):
 
     def cumulative_matrices(self, Q):
         return self._mix(self._beta_tilde)
+
+    def log_span(self, s, t):
+        """s -> t in closed form: (1 - r) I + r 1 pi^T with 1 - r = (1 - beta~_t) / (1 - beta~_s)."""
+        keep = (1 - self._beta_tilde[t]) / (1 - self._beta_tilde[s])
+        return self._mix((1 - keep).reshape(1))[0].log().to(self.log_Q)
 
 
 class BernoulliKernel(ResampleKernel):

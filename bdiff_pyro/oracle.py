@@ -256,7 +256,9 @@ def oracle_elbo_exact(kernel, patterns, weights=None, max_configurations=200_000
         log_q_rows = kernel.log_Qbar[t][:, columns]  # log Qbar_t[d_{l,g}, k]: (S, G, M, K)
         finite = torch.nan_to_num(log_q_rows, neginf=-1e300)  # a zero-probability state has count 0
         log_likelihood = torch.einsum("cgk,sglk->csl", counts, finite)
-        pattern_posterior = torch.softmax(log_likelihood + log_w, dim=-1)  # P(d_l | x^t)
+        log_joint = log_likelihood + log_w
+        pattern_posterior = (log_joint - log_joint.amax(-1, keepdim=True)).exp()  # P(d_l | x^t), unnormalised
+        pattern_posterior = pattern_posterior / pattern_posterior.sum(-1, keepdim=True)
         return log_likelihood, torch.einsum("csl,glv->csgv", pattern_posterior, column_one_hot)
 
     expected_loss = torch.zeros(M, dtype=dtype)
@@ -280,7 +282,8 @@ def oracle_elbo_exact(kernel, patterns, weights=None, max_configurations=200_000
         posterior = log_posterior.exp()
         # the oracle's step for a dimension of group g in state k: sum_v P(v | x^t) q(. | k, v)
         oracle = torch.einsum("csgv,skvq->csgkq", x0_probs, posterior)
-        log_oracle = torch.where(oracle > 0, oracle.log(), torch.zeros_like(oracle))  # 0 log 0 = 0 below
+        # a zero here can only meet a zero of q(. | x^t, x^0) below (0 log 0 = 0): clamp, not -inf
+        log_oracle = oracle.clamp_min(1e-300).log()
         weight = (log_multinomial[:, None, None] + log_likelihood).exp()  # P(counts | d_j): (C, S, M)
         # sum_c P(c | d_j) sum_{g,k} c_{g,k} log f*_{g,k}(k'), then against q(k' | k, d_{j,g})
         weighted_log_oracle = torch.einsum("csm,cgk,csgkq->smgkq", weight, counts, log_oracle)

@@ -120,13 +120,35 @@ class ReverseProcess(PyroModule):
                                 obs=x0 if t == 1 else None)
         return x
 
-    def sample(self, num, seed=None):
-        """(num, n) samples of x^0; the same draws as the Pyro program under the same seed."""
+    def sample(self, num, seed=None, steps=None):
+        """(num, n) samples of x^0.
+
+        Without ``steps``: every reverse step, the same draws as the Pyro program under the
+        same seed.  With ``steps`` (through-x^0 parameterisation only): ``steps`` network
+        evaluations on an evenly spaced grid T = t_1 > ... > t_steps > 0; each jump t -> s
+        draws x^s from q(x^s | x^t, x^0) averaged over the predicted P(x^0 | x^t), and the
+        last draws x^0 from the prediction itself.
+        """
         rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
         with rng, torch.no_grad():
             if seed is not None:
                 torch.manual_seed(seed)
             x = self.kernel.site_dist(self.kernel.prior_log_probs((num, self.n))).sample()
-            for t in range(self.T, 0, -1):
-                x = self.kernel.site_dist(self.log_probs(x, t)).sample()
+            if steps is None:
+                for t in range(self.T, 0, -1):
+                    x = self.kernel.site_dist(self.log_probs(x, t)).sample()
+                return x
+            for t, s in self.stride_grid(steps):
+                x0_log_probs = self.net(x, t)
+                log_probs = x0_log_probs if s == 0 else self.kernel.q_posterior_log_probs_mixture(x, x0_log_probs, t, s)
+                x = self.kernel.site_dist(log_probs).sample()
         return x
+
+    def stride_grid(self, steps):
+        """[(t, s), ...] jumps from T to 0 with ``steps`` network evaluations."""
+        if self.parameterisation != "x0":
+            raise UserError("strided sampling (--steps) needs the through-x^0 parameterisation (model.parameterisation: x0)")
+        if not 1 <= steps <= self.T:
+            raise UserError(f"--steps must be between 1 and T = {self.T} (got {steps})")
+        times = torch.linspace(self.T, 0, steps + 1).round().long().tolist()
+        return list(zip(times[:-1], times[1:]))

@@ -126,6 +126,10 @@ def test_exact_likelihood_refuses_long_sequences_with_a_clear_message():
     assert "\n" not in message and "2^13 = 8192 states" in message
     # n = 12 is accepted (4096 states): the limit is the one the message states
     enum.check_enumerable(12)
+    process = make_process(3, 2)
+    for bad in (torch.zeros(2, 4), torch.full((2, 3), 2.0), torch.zeros(3)):
+        with pytest.raises(UserError):
+            enum.exact_log_likelihood(process, bad)
 
 
 def test_exact_likelihood_handles_repeated_rows_and_batches():

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from bdiff_pyro.bound import LN2, all_states, elbo_exact, log_prob_of
 from bdiff_pyro.kernels import BernoulliKernel, make_beta_tilde
 from bdiff_pyro.oracle import (OracleReverse, count_configurations, data_entropy_bits, oracle_bound,
-                               oracle_elbo_exact, oracle_report)
+                               oracle_elbo_exact, oracle_main, oracle_report)
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -82,14 +82,14 @@ def best_factorised_elbo(kernel, patterns, weights, iterations=40):
         loss = -data_elbo(kernel, table.log_probs, patterns, weights)
         (gradient,) = torch.autograd.grad(loss, logits, create_graph=True)
         (curvature,) = torch.autograd.grad(gradient, logits, torch.ones_like(gradient))
-        if float(gradient.abs().max()) < 1e-13:
+        if float(gradient.detach().abs().max()) < 1e-13:
             break
         with torch.no_grad():  # unused cells have zero gradient and curvature: leave them
             step = torch.where(curvature > 0, gradient / curvature.clamp_min(1e-300), torch.zeros_like(gradient))
             logits -= step.clamp(-4.0, 4.0)  # damped while far from the optimum
     loss = -data_elbo(kernel, table.log_probs, patterns, weights)
     (gradient,) = torch.autograd.grad(loss, logits)
-    return -float(loss), logits.detach(), float(gradient.abs().max())
+    return -float(loss.detach()), logits.detach(), float(gradient.abs().max())
 
 
 def make_kernel(schedule, T, pi_1, learned_edge=False):
@@ -285,3 +285,68 @@ def test_bad_support_is_refused():
         OracleReverse(kernel, torch.tensor([[0.0, 1.0]]), weights=[0.0])
     with pytest.raises(UserError):
         oracle_elbo_exact(kernel, torch.randint(0, 2, (6, 40)).double(), max_configurations=1000)
+
+
+def test_oracle_main_on_configs(tmp_path):
+    """The function behind ``bdiff oracle CONFIG``: heartbeat's known support, and a data file's
+    empirical support (its distinct training rows weighted by their counts)."""
+    from bdiff_pyro.config import config_from_dict
+
+    config = config_from_dict({"data": {"kind": "heartbeat", "n": 10, "period": 5},
+                               "model": {"T": 30, "schedule": "cosine", "pi_1": 0.5}})
+    report = oracle_main(config)
+    kernel = make_kernel("cosine", 30, 0.5)
+    expected = float(oracle_elbo_exact(kernel, heartbeat_patterns(10, 5)).mean()) / LN2
+    assert report["elbo_bits"] == pytest.approx(expected, abs=1e-12)
+    assert report["T"] == 30 and report["schedule"] == "cosine" and report["support"] == "known"
+
+    rows = ["0111", "0111", "0111", "1000"]
+    (tmp_path / "train.txt").write_text("\n".join(rows) + "\n")
+    (tmp_path / "val.txt").write_text("0111\n")
+    config = config_from_dict({"data": {"kind": "text", "train": str(tmp_path / "train.txt"),
+                                        "val": str(tmp_path / "val.txt")},
+                               "model": {"T": 12, "schedule": "power", "schedule_power": 2.0, "pi_1": "data"}})
+    report = oracle_main(config)
+    pi_1 = 10 / 16  # the training mean
+    kernel = BernoulliKernel(make_beta_tilde("power", 12, 2.0), pi_1)
+    patterns = torch.tensor([[0, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.float64)
+    weights = torch.tensor([0.75, 0.25], dtype=torch.float64)
+    expected = float((weights * elbo_exact(kernel, OracleReverse(kernel, patterns, weights).log_probs, patterns)).sum())
+    assert report["pi_1"] == pytest.approx(pi_1)
+    assert report["elbo_bits"] == pytest.approx(expected / LN2, abs=1e-12)
+    assert report["data_log_likelihood_bits"] == pytest.approx(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert report["support"] == "empirical (training set)"
+
+
+def test_schedule_study_outputs(tmp_path):
+    from bdiff_pyro.study import DEFAULT_SPECS, T_for_gap, markdown_tables, plot_gaps, run_study, write_csv
+
+    patterns = heartbeat_patterns(6, 3)
+    rows = run_study(patterns, specs=DEFAULT_SPECS[:3], Ts=(10, 20), replicates=2)
+    assert len(rows) == 6
+    for row in rows:
+        assert row["gap_bits"] > 0 and row["elbo_bits"] == pytest.approx(-math.log2(3) - row["gap_bits"])
+    write_csv(rows, tmp_path / "study.csv")
+    assert (tmp_path / "study.csv").read_text().count("\n") == 7
+    search = T_for_gap(DEFAULT_SPECS[2], patterns, None, 0.05, known=rows, tolerance=0.05)
+    T_lo, T_hi = search["T_bracket"]
+    assert search["gaps"][T_lo] > 0.05 >= search["gaps"][T_hi] and T_hi - T_lo <= max(1, 0.05 * T_hi)
+    assert "| 10 |" in markdown_tables(rows, [search], -math.log2(3))
+    plot_gaps(rows, tmp_path / "gap.png", target=0.05)
+    assert (tmp_path / "gap.png").stat().st_size > 0
+
+
+def test_schedule_study_script_refuses_to_overwrite(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "experiments" / "schedule_study.py"
+    out = tmp_path / "study"
+    command = [sys.executable, str(script), str(out), "--T", "8", "16", "--n", "4", "--period", "2",
+               "--replicates", "2", "--target-gap", "0.5"]
+    first = subprocess.run(command, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert {p.name for p in out.iterdir()} == {"study.csv", "study.md", "gap.png", "search.json"}
+    second = subprocess.run(command, capture_output=True, text=True)
+    assert second.returncode == 2 and "refusing to overwrite" in second.stderr

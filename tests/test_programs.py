@@ -74,3 +74,29 @@ def test_svi_with_the_analytic_loss_trains_every_layer():
     for name, p in process.named_parameters():
         assert not torch.equal(before[name], p.detach()), f"{name} was not trained"
     assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_strided_jump_is_the_marginal_of_single_steps():
+    """q(x^s | x^t, x^0) from the closed-form span equals summing the intermediate states out
+    of the one-step chain (Chapman-Kolmogorov, then Bayes)."""
+    process = make_process(n=1, T=9, pi_1=0.3)
+    kernel = process.kernel
+    x0_log_probs = torch.log(torch.tensor([[[0.3, 0.7]]], dtype=torch.float64))
+    for t, s in ((9, 4), (6, 1), (5, 4)):
+        span = torch.eye(2, dtype=torch.float64)
+        for step in range(s + 1, t + 1):
+            span = span @ kernel.log_Q[step].exp()
+        for x_t in (0, 1):
+            joint = torch.stack([x0_log_probs[0, 0].exp()[v] * kernel.log_Qbar[s][v].exp() * span[:, x_t]
+                                 / (kernel.log_Qbar[s][v].exp() @ span[:, x_t]) for v in (0, 1)]).sum(0)
+            got = kernel.q_posterior_log_probs_mixture(torch.tensor([[float(x_t)]]), x0_log_probs, t, s).exp()
+            assert torch.allclose(got[0, 0], joint, atol=1e-13)
+
+
+def test_strided_sampler_uses_the_requested_number_of_network_calls():
+    process = make_process(n=4, T=20)
+    calls = []
+    process.net.register_forward_hook(lambda *args: calls.append(1))
+    samples = process.sample(16, seed=0, steps=5)
+    assert len(calls) == 5 and samples.shape == (16, 4)
+    assert [t for t, _ in process.stride_grid(5)] == [20, 16, 12, 8, 4]
