@@ -20,7 +20,6 @@ import copy
 import csv
 import datetime
 import math
-import os
 import time
 from pathlib import Path
 

@@ -1,37 +1,45 @@
-"""ArviZ diagnostics of a trained run: do independent sampling runs agree, how many effective
-draws are there, what is the Monte Carlo error of the bound K, and do generated sequences look
-like the data?
+"""ArviZ diagnostics of a trained run: do independent sampling runs agree (R-hat), how many
+effective draws are there and what is the Monte Carlo error of the bound K (ESS, MCSE), and do
+generated sequences look like the data?
 
 Generated sequences are independent draws and the bound K is a Monte Carlo estimate, so both
-are laid out as ArviZ chains and draws (each chain an independent sampling run with its own
-seed) and judged with ArviZ's own diagnostics (arviz-base / arviz-stats / arviz-plots, the
-DataTree API).  ``diagnose(run_dir)`` writes, into the run directory:
+are laid out as ArviZ chains and draws, each chain an independent sampling run with its own
+seed, and judged with ArviZ's own diagnostics (arviz-base / arviz-stats / arviz-plots, the
+DataTree API).  ``diagnose(run_dir)`` writes into the run directory:
 
-- ``diagnostics.nc``: an ArviZ DataTree with the groups
-  ``posterior_predictive`` (``x``: generated sequences, dims chain, draw, position),
-  ``observed_data`` (``x``: the training sequences, dims sequence, position) and
-  ``sample_stats`` (dims chain, draw): ``num_ones``, ``nearest_distance`` (Hamming distance to
-  the nearest training sequence), ``is_train`` / ``is_held_out`` / ``is_other`` (0/1: the draw
-  is a training sequence, a held-out one that is not a training one, or neither), ``phase``
-  (periodic data only: the index of the unique nearest support pattern, -1 on a tie) and ``K``
-  (bits/seq: one independent stratified replicate of the bound averaged over the held-out
-  sequences per draw, so the mean over draws is K and ArviZ's MCSE is its Monte Carlo error);
-- ``summary.csv`` / ``summary.md``: arviz_stats.summary (mean, sd, HDI, ESS bulk / tail,
-  R-hat, MCSE) of those statistics, of the phase frequencies and of the per-position rates,
-  with the training data's value alongside (also printed);
-- ``diagnostics_rank.png``, ``diagnostics_ess.png`` (K and the draw statistics),
-  ``diagnostics_ppc.png`` (generated against training data: number of ones, nearest-neighbour
-  distances, per-position rates, pattern / phase frequencies).
+- ``diagnostics.nc``: an ArviZ DataTree (NetCDF4 through h5netcdf) with the groups
+  ``posterior_predictive``: ``x``, the generated sequences, dims (chain, draw, position);
+  ``observed_data``: ``x``, the training sequences, dims (sequence, position);
+  ``sample_stats``, dims (chain, draw): ``K``, ``num_ones``, ``nearest_distance`` (Hamming
+  distance to the nearest training sequence), ``is_train`` / ``is_held_out`` / ``is_other``
+  (0/1: a training sequence, a held-out sequence that is not a training one, neither) and, for
+  data with a known periodic support (heartbeat), ``phase`` (index of the unique nearest
+  support pattern, -1 on a tie).
+  Draw d of chain c of ``K`` is one independent stratified replicate of the bound
+  (``bound.elbo_replicates``) averaged over the held-out sequences, in bits/seq: its mean over
+  all draws is the estimate of K and ArviZ's MCSE is that estimate's Monte Carlo error.  K is
+  the bound on log2 p(x) that ``bdiff train`` and ``bdiff evaluate`` report as K (the ELBO);
+  the paper's K is K minus the root attribute ``pi_correction_bits`` (zero for pi_1 = 1/2).  When there are more than ``bound_sequences`` held-out
+  sequences, each draw averages a fresh random subset of that many (still unbiased for the
+  average over all of them; the MCSE then includes the subsampling).
+- ``summary.csv`` / ``summary.md``: ``arviz_stats.summary`` (mean, sd, 94% HDI, ESS bulk / tail,
+  R-hat, MCSE of the mean and of the sd) of K, the draw statistics, the phase frequencies and
+  the per-position rates, with the data's value in a ``data`` column; the Markdown copy (also
+  printed) leads with K as estimate ± MCSE and folds the per-position rates into one line.
+- ``diagnostics_convergence.png``: rank plots and local ESS of K and the draw statistics, by
+  chain; ``diagnostics_ppc.png``: generated against data (number of ones, nearest-neighbour
+  distances, per-position rates, pattern frequencies) over replicated data sets.
 
-Earlier results are never overwritten: when ``diagnostics.nc`` (or its summary) exists the
-next free slot ``diagnostics-2.nc`` / ``summary-2.csv`` / ``diagnostics-2_rank.png`` ... is
-used, unless ``overwrite=True``.
+Earlier results are never overwritten: when the files of slot 1 exist, the first free slot
+``diagnostics-2.nc`` / ``summary-2.csv`` / ``summary-2.md`` / ``diagnostics-2_*.png``, then
+``-3`` ... is used; ``overwrite=True`` writes slot 1 again.
 """
 
 import math
 import os
 import tempfile
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -62,15 +70,15 @@ def diagnose(run_dir, chains=DEFAULT_CHAINS, draws=DEFAULT_DRAWS, seed=0, *, ove
     ``chains`` independent sampling runs of ``draws`` sequences each, chain c seeded from
     (seed, c); the bound gets ``draws`` independent replicates per chain.  Returns a dict:
     ``files`` (name -> path), ``K_bits`` / ``K_mcse_bits`` / ``K_ess`` / ``K_r_hat``,
-    ``max_r_hat`` (over the draw statistics), ``summary`` (the pandas summary DataFrame),
+    ``max_r_hat`` (over every row of the summary), ``summary`` (the pandas summary DataFrame),
     ``table`` (its Markdown text), ``seconds``.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
     if chains < 2:
-        raise UserError(f"--chains must be at least 2: R-hat compares chains (got {chains})")
+        raise UserError(f"chains must be at least 2: R-hat compares chains (got {chains})")
     if draws < 10:
-        raise UserError(f"--draws must be at least 10 (got {draws})")
+        raise UserError(f"draws must be at least 10 (got {draws})")
     if bound_sequences < 1:
         raise UserError(f"bound_sequences must be at least 1 (got {bound_sequences})")
     where, payload = read_checkpoint(run_dir)
@@ -98,7 +106,8 @@ def diagnose(run_dir, chains=DEFAULT_CHAINS, draws=DEFAULT_DRAWS, seed=0, *, ove
             "config": yaml.safe_dump(config.to_dict(), sort_keys=False)})
         _write_netcdf(tree, files["datatree"])
     except BaseException:
-        files["datatree"].unlink(missing_ok=True)  # release the claimed slot
+        if not overwrite:
+            files["datatree"].unlink(missing_ok=True)  # release the slot claimed above
         raise
 
     table = summarise(tree, dataset)
@@ -108,25 +117,25 @@ def diagnose(run_dir, chains=DEFAULT_CHAINS, draws=DEFAULT_DRAWS, seed=0, *, ove
     log(markdown)
 
     if plots:
-        plot_rank(tree, files["rank_plot"])
-        plot_ess(tree, files["ess_plot"])
-        plot_ppc(tree, dataset, files["ppc_plot"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # arviz-plots' notes on binary / discrete data
+            plot_convergence(tree, files["convergence_plot"])
+            plot_ppc(tree, dataset, files["ppc_plot"])
     else:
-        for key in ("rank_plot", "ess_plot", "ppc_plot"):
+        for key in ("convergence_plot", "ppc_plot"):
             files.pop(key)
     seconds = time.perf_counter() - started
     k = table.loc["K"]
-    draw_rows = [name for name in DRAW_STATISTICS if name in table.index]
     result = {
         "files": {key: str(path) for key, path in files.items()},
         "K_bits": float(k["mean"]), "K_mcse_bits": float(k["mcse_mean"]),
         "K_ess": float(k["ess_bulk"]), "K_r_hat": float(k["r_hat"]),
-        "max_r_hat": float(np.nanmax(table.loc[draw_rows, "r_hat"].to_numpy(dtype=float))),
+        "max_r_hat": float(np.nanmax(table["r_hat"].to_numpy(dtype=float))),
         "summary": table, "table": markdown, "seconds": seconds,
     }
     log(f"diagnostics of {chains} chains x {draws} draws in {seconds:.1f} s: {files['datatree']}, "
         f"{files['summary_csv'].name}, {files['summary_md'].name}"
-        + (f", {files['rank_plot'].name}, {files['ess_plot'].name}, {files['ppc_plot'].name}" if plots else ""))
+        + (f", {files['convergence_plot'].name}, {files['ppc_plot'].name}" if plots else ""))
     return result
 
 
@@ -138,7 +147,7 @@ def output_names(slot):
     """File names of the ``slot``-th diagnose run in a run directory (1, 2, ...)."""
     stem, summary = ("diagnostics", "summary") if slot == 1 else (f"diagnostics-{slot}", f"summary-{slot}")
     return {"datatree": f"{stem}.nc", "summary_csv": f"{summary}.csv", "summary_md": f"{summary}.md",
-            "rank_plot": f"{stem}_rank.png", "ess_plot": f"{stem}_ess.png", "ppc_plot": f"{stem}_ppc.png"}
+            "convergence_plot": f"{stem}_convergence.png", "ppc_plot": f"{stem}_ppc.png"}
 
 
 def _claim_outputs(run_dir, overwrite):
@@ -189,16 +198,16 @@ def chain_seeds(seed, chains, stream=0):
 
 
 def generate(process, chains, draws, seeds, progress=False):
-    """(chains, draws, n) uint8 sequences, chain c = process.sample(draws, seed=seeds[c])."""
-    out = np.empty((chains, draws, process.n), dtype=np.uint8)
+    """(chains, draws, n) int8 sequences, chain c = process.sample(draws, seed=seeds[c])."""
+    out = np.empty((chains, draws, process.n), dtype=np.int8)
     with tqdm(total=chains * draws, disable=not progress, desc="sample", unit="seq") as bar:
         for c in range(chains):
-            out[c] = process.sample(draws, seed=seeds[c]).to(torch.uint8).cpu().numpy()
+            out[c] = process.sample(draws, seed=seeds[c]).to(torch.int8).cpu().numpy()
             bar.update(draws)
     return out
 
 
-def hamming_to_nearest(x, reference, chunk=4096):
+def hamming_to_nearest(x, reference, chunk=1024):
     """(M, n) and (R, n) 0/1 arrays -> (distance to the nearest reference row, its index);
     the index is -1 where several rows are equally near."""
     xs = torch.as_tensor(np.asarray(x), dtype=torch.float32)
@@ -227,7 +236,7 @@ def draw_statistics(samples, dataset):
     val = dataset.val.to(torch.uint8).cpu().numpy()
     train_keys = _row_keys(train)
     val_keys = _row_keys(val) - train_keys
-    keys = [row.tobytes() for row in flat]
+    keys = [row.tobytes() for row in flat.astype(np.uint8)]
     is_train = np.array([key in train_keys for key in keys])
     is_held_out = np.array([key in val_keys for key in keys])
     stats = {
@@ -280,9 +289,10 @@ def build_datatree(samples, dataset, stats, attrs=None):
     sample_stats; see the module docstring)."""
     chains, draws, n = samples.shape
     coords = {"chain": np.arange(chains), "draw": np.arange(draws)}
-    train = dataset.train.to(torch.uint8).cpu().numpy()
+    train = dataset.train.to(torch.int8).cpu().numpy()
+    # int8, not uint8: ArviZ's checks for discrete data look for signed integers
     predictive = xr.Dataset(
-        {"x": (("chain", "draw", "position"), samples, {"description": "generated sequences"})},
+        {"x": (("chain", "draw", "position"), samples.astype(np.int8), {"description": "generated sequences"})},
         coords={**coords, "position": np.arange(n)})
     observed = xr.Dataset(
         {"x": (("sequence", "position"), train, {"description": "training sequences"})},
@@ -333,9 +343,13 @@ def _summary_dataset(tree):
 
 
 def _data_values(tree, dataset, index):
-    """The training data's value of each summary row (NaN where there is none)."""
+    """The data's value of each summary row (NaN where there is none): training sequences,
+    except for nearest_distance, where it is the held-out sequences' distance to the training
+    set (what a new sequence from the data distribution would show)."""
     train = dataset.train.to(torch.uint8).cpu().numpy()
-    values = {"num_ones": train.sum(1).mean(), "nearest_distance": 0.0, "is_train": 1.0}
+    val = dataset.val.to(torch.uint8).cpu().numpy()
+    values = {"num_ones": train.sum(1).mean(), "nearest_distance": hamming_to_nearest(val, train)[0].mean(),
+              "is_train": 1.0, "is_held_out": 0.0, "is_other": 0.0}
     for i, rate in enumerate(train.mean(0)):
         values[f"rate[{i}]"] = rate
     if "phase" in tree["sample_stats"]:
@@ -356,8 +370,10 @@ def summarise(tree, dataset, ci_prob=CI_PROB):
     from arviz_base import dataset_to_dataframe
 
     data = _summary_dataset(tree)
-    table = azs.summary(data, kind="all", ci_kind="hdi", ci_prob=ci_prob, round_to="none")
-    hdi = data.azstats.hdi(prob=ci_prob, dim=list(SAMPLE_DIMS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # R-hat of a constant statistic is NaN
+        table = azs.summary(data, kind="all", ci_kind="hdi", ci_prob=ci_prob, round_to="none")
+        hdi = data.azstats.hdi(prob=ci_prob, dim=list(SAMPLE_DIMS))
     bounds = dataset_to_dataframe(hdi, sample_dims=["ci_bound"]).T
     percent = round(ci_prob * 100)
     table[f"hdi{percent}_lb"] = bounds.loc[table.index, "lower"].to_numpy(dtype=float)
@@ -393,19 +409,24 @@ def summary_markdown(tree, table):
             f"| {_fmt(row['sd'], digits)} | [{_fmt(row[f'hdi{percent}_lb'], digits)}, {_fmt(row[f'hdi{percent}_ub'], digits)}] "
             f"| {_fmt(row['ess_bulk'], 0)} | {_fmt(row['ess_tail'], 0)} | {_fmt(row['r_hat'], 3)} |")
     rates = table[table.index.str.startswith("rate[")]
+    r_hat = table["r_hat"].dropna()
+    high = r_hat[r_hat > 1.01]
+    verdict = ("R-hat <= 1.01 for every statistic: the chains agree" if high.empty else
+               "R-hat > 1.01 (the chains may disagree; more draws tell) for: " + ", ".join(f"{k} ({v:.3f})" for k, v in high.items()))
     if len(rates):
         gap = (rates["mean"] - rates["data"]).abs()
         lines += ["", f"per-position rates ({len(rates)} positions, rows rate[i] of the CSV): "
                       f"max |generated - data| = {gap.max():.3f} (at {gap.idxmax()}), "
                       f"max MCSE {rates['mcse_mean'].max():.3f}, max R-hat {np.nanmax(rates['r_hat']):.3f}"]
-    return "\n".join(lines)
+    return "\n".join(lines + ["", verdict])
 
 
 # ---------------------------------------------------------------------------------------
 # Plots (arviz-plots, matplotlib backend)
 
-CONVERGENCE_VARIABLES = ("K", "num_ones", "nearest_distance")
-LABELS = {"K": "K (bits/seq)", "num_ones": "number of ones", "nearest_distance": "distance to nearest training seq."}
+CONVERGENCE_VARIABLES = ("K", "num_ones", "nearest_distance", "phase")
+LABELS = {"K": "K (bits/seq)", "num_ones": "number of ones", "nearest_distance": "distance to nearest training seq.",
+          "phase": "phase"}
 MAX_PATTERNS = 8  # pattern frequencies: the support, or the most frequent training sequences
 
 
@@ -421,11 +442,12 @@ def _save(fig, path):
 
 
 def plot_convergence(tree, path):
-    """Rank plots (left) and local ESS (right) of K and the draw statistics, one row each."""
+    """Rank plots (left) and local ESS (right) of K and the draw statistics, one row each
+    (statistics that are the same in every draw have nothing to rank and are left out)."""
     import arviz_plots as azp
 
-    names = [name for name in CONVERGENCE_VARIABLES if name in tree["sample_stats"]]
     stats = tree["sample_stats"]
+    names = [name for name in CONVERGENCE_VARIABLES if name in stats and np.ptp(stats[name].values) > 0]
     total = stats.sizes["chain"] * stats.sizes["draw"]
     pc = azp.combine_plots(
         tree, [(azp.plot_rank, {}), (azp.plot_ess, {"min_ess": min(400, total)})], group="sample_stats",
@@ -536,11 +558,19 @@ def plot_ppc(tree, dataset, path):
         "rate": (f"per-position rate of ones, in {m} sequences", "position", "rate"),
         "pattern_frequency": (f"pattern frequencies, in {m} sequences", "", "frequency"),
     }
+    from matplotlib.ticker import MaxNLocator
+
     for name, (title, xlabel, ylabel) in titles.items():
         ax = pc.get_target(name, {})
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for name, size in (("num_ones", m), ("nearest_distance", m_val)):
+        values = np.concatenate([ppc["posterior_predictive"][name].values.ravel(), ppc["observed_data"][name].values])
+        ax = pc.get_target(name, {})
+        ax.set_xlim(max(values.min() - 1.5, -0.7), values.max() + 1.5)
+        ax.set_ylim(-0.03 * size, 1.08 * size)
     ax = pc.get_target("pattern_frequency", {})
     labels = [_pattern_label(row) for row in patterns] + ["other"]
     ax.set_xticks(range(len(labels)), labels, rotation=40, ha="right", fontsize=7, family="monospace")

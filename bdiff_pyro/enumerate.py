@@ -36,7 +36,6 @@ from pyro import poutine
 from pyro.infer import Importance, Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.poutine.util import prune_subsample_sites
 
-from .bound import all_states
 from .errors import UserError
 from .forward import forward_chain
 

@@ -217,8 +217,16 @@ def posterior_table(log_span, log_prior):
         q(x^s = k | x^t = j, x^0 = v)  ∝  M[k, j] Qbar_s[v, k]
 
     with M the s -> t transition (Q_t for s = t - 1), normalised over k by logsumexp.
+    Where x^t = j cannot follow x^0 = v (absorbing kernels: an unmasked state that differs
+    from the data) the row is defined as ∝ M[k, j], and where x^t = j cannot happen at all
+    as uniform: finite choices that keep the through-x^0 mixture a distribution; the bound
+    never weights such rows.
     """
-    return normalise(log_span.T.unsqueeze(1) + log_prior.unsqueeze(0))
+    likelihood = log_span.T.unsqueeze(1)  # (j, 1, k)
+    joint = likelihood + log_prior.unsqueeze(0)  # (j, v, k)
+    for fallback in (likelihood, torch.zeros_like(likelihood)):
+        joint = torch.where(torch.isneginf(joint).all(-1, keepdim=True), fallback.expand_as(joint), joint)
+    return normalise(joint)
 
 
 class ResampleKernel(DiscreteKernel):
@@ -271,3 +279,100 @@ class BernoulliKernel(ResampleKernel):
             raise UserError(f"pi_1 must lie strictly between 0 and 1 (got {pi_1})")
         super().__init__([1.0 - float(pi_1), float(pi_1)], beta_tilde)
         self.pi_1 = float(pi_1)
+
+
+class UniformKernel(ResampleKernel):
+    """Multinomial diffusion (Hoogeboom et al. 2021): redraw uniformly among K states."""
+
+    def __init__(self, beta_tilde, num_states):
+        super().__init__(torch.full((num_states,), 1.0 / num_states, dtype=torch.float64), beta_tilde)
+
+
+class AbsorbingKernel(DiscreteKernel):
+    """Absorbing / mask diffusion (Austin et al. 2021): K data states plus a mask state K; each
+    step masks a dimension with probability beta_t, and a masked dimension stays masked.
+
+        Q_t = (1 - beta_t) I + beta_t 1 e_mask^T,   Qbar_t = (1 - beta~_t) I + beta~_t 1 e_mask^T
+
+    pi = e_mask has zeros, so the edge step p(x^0 | x^1) is learned (D3PM's reconstruction
+    term); beta~_T must be 1 so that x^T is masked surely.
+    """
+
+    closed_form_edge = False
+
+    def __init__(self, beta_tilde, num_data_states):
+        self._beta_tilde = torch.as_tensor(beta_tilde, dtype=torch.float64)
+        if abs(float(self._beta_tilde[-1]) - 1.0) > 1e-12:
+            raise UserError("the absorbing kernel needs a schedule with beta~_T = 1")
+        self.num_data_states = int(num_data_states)
+        super().__init__(len(self._beta_tilde) - 1, self.num_data_states + 1)
+        self.register_buffer("beta_tilde", self._beta_tilde.clone(), persistent=False)
+        self.register_buffer("betas", betas_from_beta_tilde(self._beta_tilde), persistent=False)
+
+    @property
+    def stationary(self):
+        pi = torch.zeros(self.num_data_states + 1, dtype=torch.float64)
+        pi[-1] = 1.0
+        return pi
+
+    def _mask(self, rates):
+        eye = torch.eye(self.num_states, dtype=torch.float64)
+        rates = rates[:, None, None]
+        return (1 - rates) * eye + rates * self.stationary[None, None, :]
+
+    def step_matrices(self):
+        return self._mask(betas_from_beta_tilde(self._beta_tilde))
+
+    def cumulative_matrices(self, Q):
+        return self._mask(self._beta_tilde)
+
+
+class DiscretisedGaussianKernel(DiscreteKernel):
+    """D3PM's discretised Gaussian kernel for ordinal states 0..K-1 (Austin et al. 2021, A.2.2):
+
+        Q_t[i, j] ∝ exp(-4 (i - j)^2 / ((K - 1)^2 beta_t))  for i != j,
+        Q_t[i, i] = 1 - sum_{j != i} Q_t[i, j],
+        normaliser sum_{m = -(K-1)..K-1} exp(-4 m^2 / ((K - 1)^2 beta_t)).
+
+    Symmetric and doubly stochastic, so pi is uniform and the paper's edge step applies.
+    Nearby grey levels are likelier than far ones; Qbar_t is a product (no closed form).
+    """
+
+    def __init__(self, beta_tilde, num_states):
+        self._betas = betas_from_beta_tilde(torch.as_tensor(beta_tilde, dtype=torch.float64))
+        self._size = int(num_states)
+        super().__init__(len(self._betas) - 1, num_states)
+        self.register_buffer("betas", self._betas.clone(), persistent=False)
+
+    @property
+    def stationary(self):
+        return torch.full((self._size,), 1.0 / self._size, dtype=torch.float64)
+
+    def step_matrices(self):
+        K = self._size
+        offsets = torch.arange(-(K - 1), K, dtype=torch.float64)
+        index = torch.arange(K, dtype=torch.float64)
+        distance2 = (index[:, None] - index[None, :]) ** 2
+        Q = torch.empty(self.T + 1, K, K, dtype=torch.float64)
+        Q[0] = torch.eye(K, dtype=torch.float64)
+        for t in range(1, self.T + 1):
+            scale = (K - 1) ** 2 * float(self._betas[t])
+            off = torch.exp(-4 * distance2 / scale) / torch.exp(-4 * offsets ** 2 / scale).sum()
+            off.fill_diagonal_(0.0)
+            Q[t] = off + torch.diag(1.0 - off.sum(1))
+        return Q
+
+
+KERNELS = {
+    "bernoulli": lambda beta_tilde, num_states, pi_1: BernoulliKernel(beta_tilde, pi_1),
+    "uniform": lambda beta_tilde, num_states, pi_1: UniformKernel(beta_tilde, num_states),
+    "absorbing": lambda beta_tilde, num_states, pi_1: AbsorbingKernel(beta_tilde, num_states),
+    "gaussian": lambda beta_tilde, num_states, pi_1: DiscretisedGaussianKernel(beta_tilde, num_states),
+}
+
+
+def make_kernel(name, beta_tilde, num_states=2, pi_1=0.5):
+    """A kernel by name (one of ``KERNELS``) for data with ``num_states`` states per dimension."""
+    if name not in KERNELS:
+        raise UserError(f"unknown kernel {name!r}; choose one of {sorted(KERNELS)}")
+    return KERNELS[name](beta_tilde, num_states, pi_1)

@@ -25,6 +25,7 @@ chosen kernel, T and schedule.  Two ways to compute it:
 """
 
 import contextlib
+import copy
 import itertools
 import math
 
@@ -84,7 +85,7 @@ class OracleReverse(nn.Module):
     def pattern_log_posterior(self, x_t, t):
         """log P(d_j | x^t) = log w_j + log q(x^t | d_j) - log sum_l w_l q(x^t | d_l), shape (..., M).
 
-        t is an int or a LongTensor of shape x_t.shape[:-1]; t = 0 is allowed (x^0 itself).
+        t is an int or a LongTensor of shape x_t.shape[:-1], in 1..T.
         """
         batch = x_t.shape[:-1]
         if isinstance(t, int):
@@ -349,7 +350,7 @@ def oracle_main(config, replicates=None, seed=None, exact="auto"):
     from .train import resolve_config
 
     dataset = load_dataset(config.data)
-    config = resolve_config(config, dataset)
+    config = resolve_config(copy.deepcopy(config), dataset)
     if dataset.support is not None:
         patterns, weights = dataset.support, None
     else:

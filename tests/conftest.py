@@ -23,3 +23,27 @@ def make_process(n=2, T=3, pi_1=0.5, schedule="cosine", parameterisation="x0", s
         for p in net.parameters():
             p.mul_(3.0)
     return ReverseProcess(kernel, net, parameterisation).double()
+
+
+# Every kernel, one line each: (name, data states K, pi_1).  A new kernel is tested by adding
+# a line here; the exact cross-checks are parametrised over this list.
+KERNEL_CASES = [
+    ("bernoulli", 2, 0.5),
+    ("bernoulli", 2, 0.2),
+    ("uniform", 3, None),
+    ("absorbing", 2, None),
+    ("gaussian", 3, None),
+]
+
+
+def make_kernel_process(case, n=2, T=3, schedule="cosine", parameterisation="x0", seed=0, hidden=(16, 16)):
+    """A random float64 reverse process for one of KERNEL_CASES."""
+    from bdiff_pyro.kernels import make_kernel
+    name, num_states, pi_1 = case
+    torch.manual_seed(seed)
+    kernel = make_kernel(name, make_beta_tilde(schedule, T), num_states, pi_1 if pi_1 is not None else 0.5)
+    net = ReverseNet(n, kernel.num_states, hidden=hidden, activation="tanh", time_embedding=8)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3.0)
+    return ReverseProcess(kernel, net, parameterisation).double()

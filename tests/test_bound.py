@@ -9,20 +9,21 @@ import torch
 
 from bdiff_pyro.bound import (all_states, elbo_exact, elbo_replicates, entropy, log_prob_of,
                               mean_and_standard_error, negative_elbo_estimate, pi_correction)
-from conftest import make_process
+from conftest import KERNEL_CASES, make_kernel_process, make_process
 
 
 def brute_force_elbo(process, x0):
     """E_q[log p(x^{0:T}) - log q(x^{1:T} | x^0)] summed over all (2^n)^T trajectories, using
     only the step distributions of the two Pyro programs (no bound formula)."""
     kernel, T, n = process.kernel, process.T, x0.shape[-1]
-    states = all_states(n)
+    states = all_states(n, kernel.num_states)
     paths = torch.tensor(list(itertools.product(range(len(states)), repeat=T)))  # (P, T)
     xs = [x0.expand(len(paths), n)] + [states[paths[:, t - 1]] for t in range(1, T + 1)]
     log_q = sum(log_prob_of(kernel.q_step_log_probs(xs[t - 1], t), xs[t]).sum(-1) for t in range(1, T + 1))
     log_p = log_prob_of(kernel.prior_log_probs((len(paths), n)), xs[T]).sum(-1)
     log_p = log_p + sum(log_prob_of(process.log_probs(xs[t], t), xs[t - 1]).sum(-1) for t in range(1, T + 1))
-    return float((log_q.exp() * (log_p - log_q)).sum())
+    weight = log_q.exp()  # impossible trajectories (absorbing kernels) contribute nothing
+    return float(torch.where(weight > 0, weight * (log_p - log_q), torch.zeros_like(weight)).sum())
 
 
 @pytest.mark.parametrize("pi_1", [0.5, 0.2])
@@ -98,3 +99,14 @@ def test_importance_sampled_steps_stay_unbiased():
     draws = draws.view(6000, -1)
     mean, se = draws.mean(0), draws.std(0) / math.sqrt(6000)
     assert torch.all((mean + exact).abs() < 4 * se)
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[0]}{c[1]}")
+@pytest.mark.parametrize("parameterisation", ["x0", "direct"])
+def test_exact_elbo_equals_brute_force_for_every_kernel(case, parameterisation):
+    process = make_kernel_process(case, n=2, T=3, parameterisation=parameterisation, seed=5)
+    x0 = all_states(2, case[1])
+    with torch.no_grad():
+        analytic = elbo_exact(process.kernel, process.log_probs, x0)
+        for i in range(len(x0)):
+            assert math.isclose(float(analytic[i]), brute_force_elbo(process, x0[i]), rel_tol=1e-10, abs_tol=1e-12)

@@ -222,17 +222,17 @@ def test_importance_sampling_between_elbo_and_likelihood_and_converging(n, T, sc
     assert (log_p - elbo).min() > 0.05  # room between the two, so "between" means something
     pyro.set_rng_seed(0)
     # The mean log-weight is an unbiased ELBO estimate: the weights are the right ones.
-    log_w = enum.importance_log_weights(process, x0, 20000)  # (S, B)
+    log_w = enum.importance_log_weights(process, x0, 8000)  # (S, B)
     se_w = log_w.std(0) / math.sqrt(log_w.shape[0])
     assert ((log_w.mean(0) - elbo).abs() < 4 * se_w).all()
     # Large S: between the ELBO and log p(x0) up to the standard error, and close to log p.
-    estimate, se = enum.importance_log_likelihood(process, x0, num_samples=20000)
+    estimate, se = enum.importance_log_likelihood(process, x0, num_samples=8000)
     assert (estimate > elbo - 4 * se).all() and (estimate < log_p + 4 * se).all()
     assert ((estimate - log_p).abs() < 4 * se + 1e-3).all()
-    # The bias (log p - estimate), averaged over 2000 replicate estimates per x0, shrinks as
-    # S grows: 4 trajectories, then 32, then 256.
+    # The bias (log p - estimate), averaged over replicate estimates per x0, shrinks as
+    # S grows: 2 trajectories, then 8, then 64.
     gaps, errors = [], []
-    for S, R in [(4, 2000), (32, 250), (256, 40)]:
+    for S, R in [(2, 2000), (8, 500), (64, 60)]:
         lw = enum.importance_log_weights(process, x0, S * R).reshape(R, S, -1).transpose(1, 2)
         per_replicate = (torch.logsumexp(lw, -1) - math.log(S))  # (R, B)
         gap = log_p - per_replicate
@@ -318,3 +318,37 @@ def test_enumerating_the_guide_in_forward_order_is_wrong_even_for_one_bit(T):
     assert (forward_order - exact).abs().max() > 0.02
     reverse_order = traceenum_per_sequence(process.forward, functools.partial(plate_guide, process.kernel), x0)
     assert torch.allclose(reverse_order, exact, rtol=1e-10, atol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# The comparison experiment (bdiff compare)
+
+
+def test_compare_config_is_valid_and_a_tiny_run_writes_everything_once(tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    from bdiff_pyro.compare import OUTPUT_FILES, compare_main, load_config
+
+    shipped = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "compare.yaml"
+    assert load_config(shipped)["grid"]["schedules"] == ["cosine", "paper"]
+    tiny = yaml.safe_load(shipped.read_text())
+    tiny.update(grid={"n": [3], "T": [3], "schedules": ["paper"]}, training={"steps": 3},
+                estimators={"trace_elbo_particles": 16, "trace_elbo_batches": 2, "importance_samples": 64},
+                scaling={"T": 2, "n_max_enumerated": 2, "n_max_analytic": 3})
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny))
+    paths = compare_main(config, tmp_path / "out")
+    assert {p.name for p in (tmp_path / "out").iterdir()} == set(OUTPUT_FILES)
+    table = paths["table"].read_text()
+    assert "| 3 | 3 | paper | random |" in table and "| 3 | 3 | paper | trained |" in table
+    assert "| 3 | 8 |" in table and "- (~" in table  # n = 3 above n_max_enumerated: not run
+    before = paths["csv"].read_bytes()
+    with pytest.raises(UserError, match="refusing to overwrite"):
+        compare_main(config, tmp_path / "out")
+    assert paths["csv"].read_bytes() == before
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid: {n: [2]}\n")
+    with pytest.raises(UserError, match="data.period"):
+        load_config(bad)
