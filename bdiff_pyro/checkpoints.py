@@ -12,22 +12,23 @@ import torch
 
 from .config import config_from_dict
 from .errors import UserError
-from .kernels import BernoulliKernel, make_beta_tilde
+from .kernels import make_beta_tilde, make_kernel
 from .reverse import ReverseNet, ReverseProcess
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = 1
 
 
-def build_kernel(model_config):
-    """The Bernoulli kernel of a ModelConfig whose pi_1 is already a number."""
+def build_kernel(model_config, levels=2):
+    """The kernel of a ModelConfig (whose pi_1 is already a number) for data with ``levels``
+    states per position."""
     beta_tilde = make_beta_tilde(model_config.schedule, model_config.T, model_config.schedule_power)
-    return BernoulliKernel(beta_tilde, pi_1=model_config.pi_1)
+    return make_kernel(model_config.kernel, beta_tilde, levels, model_config.pi_1)
 
 
-def build_process(model_config, n):
+def build_process(model_config, n, levels=2):
     """A freshly initialised reverse process for sequences of length n."""
-    kernel = build_kernel(model_config)
+    kernel = build_kernel(model_config, levels)
     net = ReverseNet(n, kernel.num_states, hidden=tuple(model_config.hidden),
                      activation=model_config.activation, time_embedding=model_config.time_embedding)
     return ReverseProcess(kernel, net, model_config.parameterisation).float()
@@ -72,7 +73,7 @@ def read_checkpoint(path):
 def process_from_checkpoint(path, payload):
     """Rebuild the reverse process a checkpoint describes and load its weights."""
     config = config_from_dict(payload["config"], where=str(path))
-    process = build_process(config.model, payload["n"])
+    process = build_process(config.model, payload["n"], config.data.levels)
     try:
         process.load_state_dict(payload["model_state"])
     except RuntimeError as error:
@@ -81,8 +82,13 @@ def process_from_checkpoint(path, payload):
     return config, process
 
 
+def load_with_config(path):
+    """A run directory or checkpoint file -> (its Config, its ReverseProcess in eval mode)."""
+    path, payload = read_checkpoint(path)
+    config, process = process_from_checkpoint(path, payload)
+    return config, process.eval()
+
+
 def load(path):
     """``bdiff_pyro.load``: a run directory or checkpoint file -> ReverseProcess (eval mode)."""
-    path, payload = read_checkpoint(path)
-    _, process = process_from_checkpoint(path, payload)
-    return process.eval()
+    return load_with_config(path)[1]

@@ -38,13 +38,14 @@ def cmd_train(args):
 
 
 def cmd_sample(args):
-    from .checkpoints import load
+    from .checkpoints import load_with_config
+    from .data import format_sequence
 
     if args.num < 1:
         raise UserError(f"-n must be at least 1 (got {args.num})")
-    process = load(args.checkpoint)
+    config, process = load_with_config(args.checkpoint)
     samples = process.sample(args.num, seed=args.seed, steps=args.steps)
-    text = "\n".join("".join(str(int(v)) for v in row) for row in samples.tolist()) + "\n"
+    text = "\n".join(format_sequence(row, config.data.alphabet) for row in samples.tolist()) + "\n"
     if args.out:
         out = Path(args.out)
         if out.exists() and not args.force:
@@ -55,12 +56,12 @@ def cmd_sample(args):
 
 
 def cmd_evaluate(args):
-    from .checkpoints import load
+    from .checkpoints import load_with_config
     from .data import read_sequences
     from .evaluation import bound_report
 
-    process = load(args.checkpoint)
-    x0 = read_sequences(args.data)
+    config, process = load_with_config(args.checkpoint)
+    x0 = read_sequences(args.data, config.data.levels, config.data.alphabet)
     if x0.shape[1] != process.n:
         raise UserError(f"{args.data}: sequences of length {x0.shape[1]}, but the model has n = {process.n}")
     if args.replicates < 2:
@@ -69,8 +70,46 @@ def cmd_evaluate(args):
     print(f"K = {report['elbo_bits']:.4f} ± {report['se_bits']:.4f} bits/seq "
           f"({len(x0)} sequences, {args.replicates} replicates; paper's K without pi correction: "
           f"{report['K_bits']:.4f})")
+    if args.exact:
+        from .bound import LN2
+        from .enumerate import exact_log_likelihood
+
+        report["exact_log_likelihood_bits"] = float(exact_log_likelihood(process.double(), x0.double()).mean()) / LN2
+        print(f"exact log p(x^0) = {report['exact_log_likelihood_bits']:.4f} bits/seq (enumerated)")
+    if args.importance:
+        from .bound import LN2
+        from .enumerate import importance_log_likelihood
+
+        estimate, se, ess = importance_log_likelihood(process, x0, num_samples=args.importance, return_ess=True)
+        report.update(importance_bits=float(estimate.mean()) / LN2,
+                      importance_se_bits=float(se.pow(2).sum().sqrt()) / len(x0) / LN2,
+                      importance_min_ess=float(ess.min()))
+        print(f"importance-sampled log p(x^0) = {report['importance_bits']:.4f} ± {report['importance_se_bits']:.4f} "
+              f"bits/seq ({args.importance} trajectories per sequence; smallest ESS {report['importance_min_ess']:.0f})")
     if args.json:
         print(json.dumps(report))
+
+
+def cmd_compare(args):
+    from .compare import compare_main
+
+    paths = compare_main(args.config, args.out)
+    print(f"tables, CSVs and plots in {paths['out_dir']}/")
+
+
+def cmd_oracle(args):
+    from .config import load_config
+    from .oracle import oracle_main
+
+    config = load_config(args.config, args.set)
+    report = oracle_main(config, replicates=args.replicates, seed=args.seed,
+                         exact=False if args.monte_carlo else "auto")
+    se = f" ± {report['se_bits']:.4f}" if report.get("se_bits") else " (exact)"
+    print(f"oracle K* = {report['elbo_bits']:.4f}{se} bits/seq for T = {report['T']}, schedule {report['schedule']}, "
+          f"pi_1 = {report['pi_1']:g}; data log-likelihood {report['data_log_likelihood_bits']:.4f} bits/seq, "
+          f"gap {report['gap_bits']:.4f} bits ({report['support']} support)")
+    if args.json:
+        print(json.dumps(report, default=str))
 
 
 def build_parser():
@@ -101,8 +140,24 @@ def build_parser():
     p.add_argument("data", metavar="DATA_FILE", help="0/1 text lines or a .npy array")
     p.add_argument("--replicates", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exact", action="store_true", help="also the exact log-likelihood (small n only)")
+    p.add_argument("--importance", type=int, metavar="S", help="also log p(x^0) by importance sampling, S trajectories")
     p.add_argument("--json", action="store_true", help="also print the figures as JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser("oracle", help="the best possible K for the config's data, T and schedule")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--replicates", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--monte-carlo", action="store_true", help="estimate by Monte Carlo even where exact is possible")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_oracle)
+
+    p = commands.add_parser("compare", help="analytic K against TraceEnum_ELBO, Trace_ELBO and log p(x^0)")
+    p.add_argument("config", help="e.g. experiments/configs/compare.yaml")
+    p.add_argument("--out", help="output directory (default runs/compare-<time>)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

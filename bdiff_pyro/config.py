@@ -17,15 +17,23 @@ from .errors import UserError
 
 @dataclass
 class DataConfig:
-    kind: str = "heartbeat"  # heartbeat | text | npy
+    kind: str = "heartbeat"  # heartbeat | text | npy | digits
     n: int = 20  # heartbeat: sequence length
-    period: int = 5  # heartbeat: one 1 every `period` positions
+    period: int = 5  # heartbeat: one pulse every `period` positions
+    levels: int = 2  # states per position K (2: bits); heartbeat pulses decay one level a step
+    alphabet: typing.Optional[str] = None  # text: the symbols, in code order (default 0, 1, ...)
     train: typing.Optional[str] = None  # text / npy: training file (relative to the config)
     val: typing.Optional[str] = None  # text / npy: held-out file
+    split_seed: int = 0  # digits: the seeded train / validation / test split
 
     def validate(self, where):
-        _choice(where, "data.kind", self.kind, ("heartbeat", "text", "npy"))
-        if self.kind == "heartbeat":
+        _choice(where, "data.kind", self.kind, ("heartbeat", "text", "npy", "digits"))
+        _at_least(where, "data.levels", self.levels, 2)
+        if self.alphabet is not None and (len(self.alphabet) != self.levels or len(set(self.alphabet)) != self.levels):
+            raise UserError(f"{where}: data.alphabet must be {self.levels} distinct symbols (got {self.alphabet!r})")
+        if self.kind == "digits":
+            _choice(where, "data.levels", self.levels, (2, 4))
+        elif self.kind == "heartbeat":
             _at_least(where, "data.n", self.n, 1)
             _at_least(where, "data.period", self.period, 1)
             if self.period > self.n:
@@ -38,6 +46,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    kernel: str = "bernoulli"  # bernoulli | uniform | absorbing | gaussian
     T: int = 200
     schedule: str = "cosine"  # paper | cosine | power
     schedule_power: float = 2.0  # power schedule: beta~_t = (t/T)^power
@@ -48,6 +57,7 @@ class ModelConfig:
     time_embedding: int = 32
 
     def validate(self, where):
+        _choice(where, "model.kernel", self.kernel, ("bernoulli", "uniform", "absorbing", "gaussian"))
         _at_least(where, "model.T", self.T, 2)
         _choice(where, "model.schedule", self.schedule, ("paper", "cosine", "power"))
         if self.schedule_power <= 0:
@@ -110,6 +120,10 @@ class Config:
         _choice(where, "device", self.device, ("cpu", "cuda"))
         for section in (self.data, self.model, self.train, self.evaluate):
             section.validate(where)
+        if self.model.kernel == "bernoulli" and self.data.levels != 2:
+            raise UserError(f"{where}: model.kernel bernoulli needs data.levels = 2 (got {self.data.levels}); "
+                            "use uniform, absorbing or gaussian")
+
 
     def to_dict(self):
         return dataclasses.asdict(self)

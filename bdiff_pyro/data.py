@@ -15,14 +15,21 @@ import torch
 from .errors import UserError
 
 
-def heartbeat(n, period):
-    """The ``period`` shifts of a 1 every ``period`` positions: row s has ones at s, s+p, ..."""
+def heartbeat(n, period, levels=2):
+    """The ``period`` shifts of a pulse every ``period`` positions.
+
+    Row s has the top level (levels - 1) at s, s+p, ..., decaying by one level per position
+    after each pulse: value_i = max(0, levels - 1 - ((i - s) mod p)).  For bits: ones at
+    s, s+p, ... and zeros elsewhere.
+    """
     positions = torch.arange(n)
-    return torch.stack([(positions % period == shift).float() for shift in range(period)])
+    return torch.stack([(levels - 1 - (positions - shift) % period).clamp_min(0).float() for shift in range(period)])
 
 
-def read_text(path):
-    """One sequence per line of '0'/'1' characters (the reference repo's train.txt format)."""
+def read_text(path, alphabet=None):
+    """One sequence per line of symbols; the code of a symbol is its index in ``alphabet``
+    (default "01": the reference repo's train.txt format)."""
+    alphabet = alphabet or "01"
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
@@ -35,21 +42,22 @@ def read_text(path):
         line = line.strip()
         if not line:
             continue
-        bad = next((c for c in line if c not in "01"), None)
+        bad = next((c for c in line if c not in alphabet), None)
         if bad is not None:
-            raise UserError(f"{path}:{number}: unexpected character {bad!r} (lines must hold only 0 and 1)")
+            allowed = "0 and 1" if alphabet == "01" else f"symbols of {alphabet!r}"
+            raise UserError(f"{path}:{number}: unexpected character {bad!r} (lines must hold only {allowed})")
         if width is None:
             width = len(line)
         elif len(line) != width:
             raise UserError(f"{path}:{number}: sequence of length {len(line)}, but the first has length {width}")
-        rows.append([int(c) for c in line])
+        rows.append([alphabet.index(c) for c in line])
     if not rows:
         raise UserError(f"{path}: no sequences (the file is empty)")
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def read_npy(path):
-    """A 2-D .npy array of 0/1 values, one sequence per row."""
+def read_npy(path, levels=2):
+    """A 2-D .npy array of integer codes 0..levels-1 (0/1 for bits), one sequence per row."""
     path = Path(path)
     try:
         array = np.load(path, allow_pickle=False)
@@ -57,16 +65,26 @@ def read_npy(path):
         raise UserError(f"{path}: cannot read .npy array ({error})") from None
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
         raise UserError(f"{path}: expected a non-empty 2-D array (got shape {array.shape})")
-    bad = ~np.isin(array, (0, 1))
+    bad = ~np.isin(array, np.arange(levels))
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise UserError(f"{path}: row {row}, column {col} holds {array[row, col]!r} (values must be 0 or 1)")
+        allowed = "0 or 1" if levels == 2 else f"integers 0..{levels - 1}"
+        raise UserError(f"{path}: row {row}, column {col} holds {array[row, col]!r} (values must be {allowed})")
     return torch.as_tensor(array.astype(np.float32))
 
 
-def read_sequences(path):
-    """Read a data file by its suffix: .npy arrays, anything else as 0/1 text lines."""
-    return read_npy(path) if str(path).endswith(".npy") else read_text(path)
+def read_sequences(path, levels=2, alphabet=None):
+    """Read a data file by its suffix: .npy arrays, anything else as text lines."""
+    if str(path).endswith(".npy"):
+        return read_npy(path, levels)
+    return read_text(path, alphabet or "0123456789"[:levels] if levels <= 10 else alphabet)
+
+
+def format_sequence(codes, alphabet=None):
+    """Codes -> a line of symbols (the inverse of read_text); codes past the alphabet, such as
+    an absorbing kernel's mask state, print as '?'."""
+    alphabet = alphabet or "0123456789"
+    return "".join(alphabet[c] if c < len(alphabet) else "?" for c in (int(v) for v in codes))
 
 
 @dataclass
@@ -83,10 +101,16 @@ class Dataset:
 def load_dataset(data_config):
     """The training and held-out sequences a DataConfig describes."""
     if data_config.kind == "heartbeat":
-        patterns = heartbeat(data_config.n, data_config.period)
+        patterns = heartbeat(data_config.n, data_config.period, data_config.levels)
         # The data distribution is uniform over the shifts; held-out scoring uses all of them.
         return Dataset(train=patterns, val=patterns, support=patterns)
-    train, val = read_sequences(data_config.train), read_sequences(data_config.val)
+    if data_config.kind == "digits":
+        from .digits import digits_splits
+        splits = digits_splits(binary=data_config.levels == 2, seed=data_config.split_seed)
+        return Dataset(train=splits["train"], val=splits["val"])
+    levels, alphabet = data_config.levels, data_config.alphabet
+    train = read_sequences(data_config.train, levels, alphabet)
+    val = read_sequences(data_config.val, levels, alphabet)
     if train.shape[1] != val.shape[1]:
         raise UserError(f"{data_config.val}: sequences of length {val.shape[1]}, "
                         f"but {data_config.train} has length {train.shape[1]}")

@@ -173,6 +173,9 @@ def _write_netcdf(tree, path):
     os.close(handle)
     try:
         tree.to_netcdf(temporary, engine="h5netcdf")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from others
         os.replace(temporary, path)
     except ImportError:
         raise UserError("writing diagnostics.nc needs the h5netcdf package (pip install h5netcdf)") from None
@@ -455,13 +458,14 @@ def plot_convergence(tree, path):
         figure_kwargs={"figsize": (10, 2.4 * len(names) + 0.6)})
     for row, name in enumerate(names):
         rank, ess = pc.iget_target(row, 0), pc.iget_target(row, 1)
-        rank.set_title(f"{LABELS[name]}: rank ECDF - uniform, by chain", fontsize=10)
-        ess.set_title(f"{LABELS[name]}: local ESS (of {total} draws)", fontsize=10)
+        rank.set_title(f"{LABELS[name]}: rank ECDF minus uniform, by chain", fontsize=10)
+        ess.set_title(f"{LABELS[name]}: local ESS (dotted: all {total} draws; dash-dot: {min(400, total)})",
+                      fontsize=10)
         ess.axhline(total, color="0.3", lw=0.8, ls=":")
         ess.set_ylim(0, 1.15 * max(total, ess.get_ylim()[1]))
         ess.set_ylabel("ESS")
-    pc.iget_target(len(names) - 1, 0).set_xlabel("fractional rank")
-    pc.iget_target(len(names) - 1, 1).set_xlabel("quantile")
+        rank.set_xlabel("fractional rank")
+        ess.set_xlabel("quantile")
     fig = _figure(pc)
     handles = [matplotlib_line(f"C{c}", f"chain {c}") for c in range(stats.sizes["chain"])]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)

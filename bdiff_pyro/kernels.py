@@ -111,6 +111,11 @@ class DiscreteKernel(nn.Module):
     #: the bound is closed form (DESIGN.md section 2).  Otherwise p(x^0 | x^1) is learned.
     closed_form_edge = True
 
+    @property
+    def num_data_states(self):
+        """States data can take (all K, except for kernels with an extra mask state)."""
+        return self.num_states
+
     def __init__(self, T, num_states):
         super().__init__()
         if T < 2:
@@ -304,14 +309,17 @@ class AbsorbingKernel(DiscreteKernel):
         self._beta_tilde = torch.as_tensor(beta_tilde, dtype=torch.float64)
         if abs(float(self._beta_tilde[-1]) - 1.0) > 1e-12:
             raise UserError("the absorbing kernel needs a schedule with beta~_T = 1")
-        self.num_data_states = int(num_data_states)
-        super().__init__(len(self._beta_tilde) - 1, self.num_data_states + 1)
+        super().__init__(len(self._beta_tilde) - 1, int(num_data_states) + 1)
         self.register_buffer("beta_tilde", self._beta_tilde.clone(), persistent=False)
         self.register_buffer("betas", betas_from_beta_tilde(self._beta_tilde), persistent=False)
 
     @property
+    def num_data_states(self):
+        return self.num_states - 1
+
+    @property
     def stationary(self):
-        pi = torch.zeros(self.num_data_states + 1, dtype=torch.float64)
+        pi = torch.zeros(self.num_states, dtype=torch.float64)
         pi[-1] = 1.0
         return pi
 

@@ -157,11 +157,11 @@ def oracle_bound(kernel, patterns, weights=None, replicates=16, seed=0):
     (mean_bits, se_bits): sum_j w_j ELBO(d_j), each ELBO(d_j) from ``replicates`` independent
     stratified-over-t estimates (``bound.elbo_replicates``)."""
     oracle = OracleReverse(kernel, patterns, weights)
-    estimates = _oracle_replicates(oracle, replicates, seed)
-    return _weighted_mean_and_se(estimates, oracle.weights)
+    estimates = oracle_elbo_replicates(oracle, replicates, seed)
+    return weighted_mean_and_se(estimates, oracle.weights)
 
 
-def _oracle_replicates(oracle, replicates, seed):
+def oracle_elbo_replicates(oracle, replicates, seed):
     """(M, R) ELBO estimates in nats, one row per pattern."""
     x0 = oracle.patterns.to(oracle.kernel.log_pi.dtype)
     with torch.random.fork_rng():
@@ -171,7 +171,7 @@ def _oracle_replicates(oracle, replicates, seed):
         return elbo_replicates(oracle.kernel, oracle.log_probs, x0, replicates, max_rows=max_rows)
 
 
-def _weighted_mean_and_se(estimates, weights):
+def weighted_mean_and_se(estimates, weights):
     """sum_j w_j mean_r e_jr and its standard error sqrt(sum_j w_j^2 s_j^2 / R), in bits."""
     num, reps = estimates.shape
     if reps < 2:
@@ -316,7 +316,7 @@ def oracle_report(kernel, patterns, weights=None, replicates=16, seed=0, exact="
         elbo_bits, se_bits = float((w * per_pattern).sum()) / LN2, 0.0
     else:
         method = f"monte carlo, {replicates} replicates, seed {seed}"
-        elbo_bits, se_bits = _weighted_mean_and_se(_oracle_replicates(oracle, replicates, seed), w)
+        elbo_bits, se_bits = weighted_mean_and_se(oracle_elbo_replicates(oracle, replicates, seed), w)
     correction_bits = float((w * pi_correction(kernel, x0)).sum()) / LN2
     data_entropy = data_entropy_bits(w)
     beta_tilde = getattr(kernel, "beta_tilde", None)
@@ -355,7 +355,7 @@ def oracle_main(config, replicates=None, seed=None, exact="auto"):
         patterns, weights = dataset.support, None
     else:
         patterns, weights = torch.unique(dataset.train, dim=0, return_counts=True)
-    kernel = build_kernel(config.model).double()
+    kernel = build_kernel(config.model, config.data.levels).double()
     report = oracle_report(kernel, patterns, weights,
                            replicates=config.evaluate.replicates if replicates is None else replicates,
                            seed=config.seed if seed is None else seed, exact=exact,

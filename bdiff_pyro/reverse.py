@@ -96,12 +96,23 @@ class ReverseProcess(PyroModule):
         """log p(x^{t-1} = k | x^t), shape (..., n, K); t = 1 is the edge step p(x^0 | x^1)."""
         if isinstance(t, int) and t == 1 and self.kernel.closed_form_edge:
             return self.kernel.edge_log_probs(x_t)
-        out = self.net(x_t, t)
-        if self.parameterisation == "direct" or (isinstance(t, int) and t == 1):
-            return out
+        if isinstance(t, int) and t == 1:
+            return self.x0_log_probs(x_t, t)  # the learned edge step p(x^0 | x^1)
+        if self.parameterisation == "direct":
+            return self.net(x_t, t)
         if not isinstance(t, int) and bool((torch.as_tensor(t) == 1).any()):
             raise ValueError("per-sequence t = 1 is only defined for the direct parameterisation")
-        return self.kernel.q_posterior_log_probs_mixture(x_t, out, t)
+        return self.kernel.q_posterior_log_probs_mixture(x_t, self.x0_log_probs(x_t, t), t)
+
+    def x0_log_probs(self, x_t, t):
+        """The network read as log P(x^0 = v | x^t), restricted to the states data can take
+        (an absorbing kernel's mask state is not one)."""
+        out = self.net(x_t, t)
+        data_states = self.kernel.num_data_states
+        if data_states == self.kernel.num_states:
+            return out
+        data_log_probs = torch.log_softmax(out[..., :data_states], dim=-1)
+        return F.pad(data_log_probs, (0, self.kernel.num_states - data_states), value=-math.inf)
 
     def reverse_probs(self, x_t, t):
         """P(x^{t-1} = 1 | x^t) for bits: (B, n) float tensor of 0/1 and t in 2..T -> (B, n)."""
@@ -139,7 +150,7 @@ class ReverseProcess(PyroModule):
                     x = self.kernel.site_dist(self.log_probs(x, t)).sample()
                 return x
             for t, s in self.stride_grid(steps):
-                x0_log_probs = self.net(x, t)
+                x0_log_probs = self.x0_log_probs(x, t)
                 log_probs = x0_log_probs if s == 0 else self.kernel.q_posterior_log_probs_mixture(x, x0_log_probs, t, s)
                 x = self.kernel.site_dist(log_probs).sample()
         return x

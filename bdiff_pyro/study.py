@@ -15,7 +15,8 @@ import torch
 
 from .bound import LN2, entropy, pi_correction
 from .kernels import BernoulliKernel, make_beta_tilde
-from .oracle import OracleReverse, _oracle_replicates, _weighted_mean_and_se, data_entropy_bits, oracle_elbo_exact
+from .oracle import (OracleReverse, data_entropy_bits, oracle_elbo_exact, oracle_elbo_replicates,
+                     weighted_mean_and_se)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ def evaluate(spec, T, patterns, weights=None, replicates=0, seed=0):
         "edge_entropy_bits": edge, "mc_elbo_bits": math.nan, "mc_se_bits": math.nan, "mc_replicates": replicates,
     }
     if replicates >= 2:
-        row["mc_elbo_bits"], row["mc_se_bits"] = _weighted_mean_and_se(_oracle_replicates(oracle, replicates, seed), w)
+        estimates = oracle_elbo_replicates(oracle, replicates, seed)
+        row["mc_elbo_bits"], row["mc_se_bits"] = weighted_mean_and_se(estimates, w)
     return row
 
 

@@ -117,7 +117,7 @@ def new_run_dir(config_path, out=None, root="runs"):
 
 def resolve_config(config, dataset):
     """Fill in what the data decides: pi_1 = 'data' becomes the training mean."""
-    if config.model.pi_1 == "data":
+    if config.model.pi_1 == "data" and config.model.kernel == "bernoulli":
         mean = float(dataset.train.mean())
         if not 0.0 < mean < 1.0:
             raise UserError(f"model.pi_1 = data needs training data with both 0s and 1s (mean is {mean})")
@@ -169,7 +169,7 @@ def train(config, run_dir, resume=False, progress=True, log=print):
 
     pyro.clear_param_store()  # PyroModule parameters are registered in the global store
     pyro.set_rng_seed(config.seed)  # before the network is initialised
-    process = build_process(config.model, dataset.n).to(device)
+    process = build_process(config.model, dataset.n, config.data.levels).to(device)
     optim = pyro.optim.ClippedAdam({
         "lr": config.train.lr,
         "clip_norm": config.train.clip_norm,
