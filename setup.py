@@ -20,6 +20,7 @@ setup(
         "arviz-stats==0.8.0",
         "arviz-plots==0.8.0",
         "h5py",
+        "h5netcdf",
         "scikit-learn",
     ],
     extras_require={"test": ["pytest", "hypothesis"]},

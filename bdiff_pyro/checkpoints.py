@@ -43,6 +43,7 @@ def save_atomically(payload, path):
             torch.save(payload, stream)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary result file
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -74,8 +75,10 @@ def process_from_checkpoint(path, payload):
     """Rebuild the reverse process a checkpoint describes and load its weights."""
     config = config_from_dict(payload["config"], where=str(path))
     process = build_process(config.model, payload["n"], config.data.levels)
+    # kernel tables are rebuilt from the config (early checkpoints also stored them)
+    weights = {k: v for k, v in payload["model_state"].items() if not k.startswith("kernel.")}
     try:
-        process.load_state_dict(payload["model_state"])
+        process.load_state_dict(weights)
     except RuntimeError as error:
         first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
         raise UserError(f"{path}: weights do not match the model its config describes ({first})") from None

@@ -97,6 +97,13 @@ def cmd_compare(args):
     print(f"tables, CSVs and plots in {paths['out_dir']}/")
 
 
+def cmd_diagnose(args):
+    from .diagnostics import DEFAULT_CHAINS, DEFAULT_DRAWS, diagnose
+
+    diagnose(args.run_dir, chains=args.chains or DEFAULT_CHAINS, draws=args.draws or DEFAULT_DRAWS,
+             seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+
+
 def cmd_oracle(args):
     from .config import load_config
     from .oracle import oracle_main
@@ -144,6 +151,15 @@ def build_parser():
     p.add_argument("--importance", type=int, metavar="S", help="also log p(x^0) by importance sampling, S trajectories")
     p.add_argument("--json", action="store_true", help="also print the figures as JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser("diagnose", help="ArviZ diagnostics of a trained run: R-hat, ESS, MCSE, plots")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--chains", type=int, help="independent sampling runs (default 4)")
+    p.add_argument("--draws", type=int, help="draws per chain")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace diagnostics.nc instead of writing diagnostics-2.nc")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_diagnose)
 
     p = commands.add_parser("oracle", help="the best possible K for the config's data, T and schedule")
     p.add_argument("config")

@@ -101,6 +101,7 @@ class TrainConfig:
 class EvaluateConfig:
     num_samples: int = 10000  # samples whose membership (train / held-out / neither) is counted
     replicates: int = 8  # independent bound estimates per sequence, for the standard error
+    diagnose: bool = True  # run the ArviZ diagnostics (bdiff diagnose) at the end of training
 
     def validate(self, where):
         _at_least(where, "evaluate.num_samples", self.num_samples, 1)
@@ -236,6 +237,8 @@ def _coerce(value, hint, where, key):
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint is str and isinstance(value, str):
+        return value
+    if hint is bool and isinstance(value, bool):
         return value
     raise UserError(f"{where}: {key} must be {hint.__name__} (got {value!r})")
 

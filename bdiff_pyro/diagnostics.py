@@ -19,9 +19,10 @@ DataTree API).  ``diagnose(run_dir)`` writes into the run directory:
   (``bound.elbo_replicates``) averaged over the held-out sequences, in bits/seq: its mean over
   all draws is the estimate of K and ArviZ's MCSE is that estimate's Monte Carlo error.  K is
   the bound on log2 p(x) that ``bdiff train`` and ``bdiff evaluate`` report as K (the ELBO);
-  the paper's K is K minus the root attribute ``pi_correction_bits`` (zero for pi_1 = 1/2).  When there are more than ``bound_sequences`` held-out
-  sequences, each draw averages a fresh random subset of that many (still unbiased for the
-  average over all of them; the MCSE then includes the subsampling).
+  the paper's K is K minus the root attribute ``pi_correction_bits`` (zero for pi_1 = 1/2).
+  When there are more than ``bound_sequences`` held-out sequences, each draw averages a fresh
+  random subset of that many (still unbiased for the average over all of them; the MCSE then
+  includes the subsampling).
 - ``summary.csv`` / ``summary.md``: ``arviz_stats.summary`` (mean, sd, 94% HDI, ESS bulk / tail,
   R-hat, MCSE of the mean and of the sd) of K, the draw statistics, the phase frequencies and
   the per-position rates, with the data's value in a ``data`` column; the Markdown copy (also
@@ -406,16 +407,17 @@ def summary_markdown(tree, table):
     for name, row in table.iterrows():
         if name.startswith("rate["):
             continue
-        digits = 4 if name == "K" else 3
+        d = 4 if name == "K" else 3
         lines.append(
-            f"| {name} | {_fmt(row['data'], digits)} | {_fmt(row['mean'], digits)} ± {_fmt(row['mcse_mean'], digits)} "
-            f"| {_fmt(row['sd'], digits)} | [{_fmt(row[f'hdi{percent}_lb'], digits)}, {_fmt(row[f'hdi{percent}_ub'], digits)}] "
+            f"| {name} | {_fmt(row['data'], d)} | {_fmt(row['mean'], d)} ± {_fmt(row['mcse_mean'], d)} "
+            f"| {_fmt(row['sd'], d)} | [{_fmt(row[f'hdi{percent}_lb'], d)}, {_fmt(row[f'hdi{percent}_ub'], d)}] "
             f"| {_fmt(row['ess_bulk'], 0)} | {_fmt(row['ess_tail'], 0)} | {_fmt(row['r_hat'], 3)} |")
     rates = table[table.index.str.startswith("rate[")]
     r_hat = table["r_hat"].dropna()
     high = r_hat[r_hat > 1.01]
     verdict = ("R-hat <= 1.01 for every statistic: the chains agree" if high.empty else
-               "R-hat > 1.01 (the chains may disagree; more draws tell) for: " + ", ".join(f"{k} ({v:.3f})" for k, v in high.items()))
+               "R-hat > 1.01 (the chains may disagree; more draws tell) for: "
+               + ", ".join(f"{name} ({value:.3f})" for name, value in high.items()))
     if len(rates):
         gap = (rates["mean"] - rates["data"]).abs()
         lines += ["", f"per-position rates ({len(rates)} positions, rows rate[i] of the CSV): "
@@ -433,6 +435,12 @@ LABELS = {"K": "K (bits/seq)", "num_ones": "number of ones", "nearest_distance":
 MAX_PATTERNS = 8  # pattern frequencies: the support, or the most frequent training sequences
 
 
+def _use_agg():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no screen (as bdiff_pyro.plots)
+
+
 def _figure(pc):
     return pc.viz["figure"].item()
 
@@ -447,6 +455,7 @@ def _save(fig, path):
 def plot_convergence(tree, path):
     """Rank plots (left) and local ESS (right) of K and the draw statistics, one row each
     (statistics that are the same in every draw have nothing to rank and are left out)."""
+    _use_agg()
     import arviz_plots as azp
 
     stats = tree["sample_stats"]
@@ -544,6 +553,7 @@ def plot_ppc(tree, dataset, path):
     (m = the training set's size when there are enough draws): number of ones and distance to
     the nearest training sequence (rootograms), per-position rates and pattern frequencies
     (mean and 50% / 94% intervals over the replicates; the data as black dots)."""
+    _use_agg()
     import arviz_plots as azp
     from arviz_plots import PlotCollection
 

@@ -13,6 +13,8 @@ for test (1258 / 270 / 269 images; counts are rounded).  Training uses train and
 ``quantise`` maps grey levels to 4 levels 0..3 (floor(v * 4 / 17)) for categorical kernels.
 """
 
+import functools
+
 import numpy as np
 import torch
 
@@ -27,9 +29,15 @@ N = SIDE * SIDE
 
 def grey_levels():
     """All 1797 images as a (1797, 64) int array of grey levels 0..16 (sklearn's order)."""
-    from sklearn.datasets import load_digits
+    return _load_digits()[0].copy()
 
-    return load_digits().data.astype(np.int64)
+
+@functools.lru_cache(maxsize=1)
+def _load_digits():
+    from sklearn.datasets import load_digits  # imported here: scikit-learn is slow to import
+
+    digits = load_digits()
+    return digits.data.astype(np.int64), digits.target.astype(np.int64)
 
 
 def binarise(grey, threshold=BINARY_THRESHOLD):
@@ -63,9 +71,7 @@ def digits_splits(binary=True, seed=0, levels=NUM_LEVELS):
 
 def digits_labels(seed=0):
     """The digit classes (0..9) of the same split, for inspection: {"train", "val", "test"}."""
-    from sklearn.datasets import load_digits
-
-    target = load_digits().target
+    target = _load_digits()[1]
     train, val, test = split_indices(len(target), seed)
     return {"train": target[train], "val": target[val], "test": target[test]}
 

@@ -179,7 +179,7 @@ def train(config, run_dir, resume=False, progress=True, log=print):
     if resume:
         where, payload = read_checkpoint(run_dir)
         _check_resumable(config, payload["config"], where)
-        process.load_state_dict(payload["model_state"])
+        process.load_state_dict({k: v for k, v in payload["model_state"].items() if not k.startswith("kernel.")})
         optim.set_state(payload["optim_state"])
         state = TrainingState(**payload["state"])
         torch.set_rng_state(payload["rng_state"])
@@ -230,7 +230,11 @@ def train(config, run_dir, resume=False, progress=True, log=print):
                     f"interrupted at step {state.step}; checkpoint saved to {run_dir / CHECKPOINT_NAME}; "
                     f"continue with: bdiff train CONFIG --resume {run_dir}", exit_code=130)
     state.wall_time = time.perf_counter() - started
-    return finish_run(process, dataset, config, state, run_dir)
+    metrics = finish_run(process, dataset, config, state, run_dir)
+    if config.evaluate.diagnose:
+        from .diagnostics import diagnose
+        diagnose(run_dir, seed=config.seed, progress=progress, log=log)
+    return metrics
 
 
 def _current_lr(optim):

@@ -6,6 +6,15 @@ from bdiff_pyro.kernels import BernoulliKernel, make_beta_tilde
 from bdiff_pyro.reverse import ReverseNet, ReverseProcess
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    # The tensors in tests are tiny: extra threads only add overhead (large on a busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def fresh_pyro_state():
     pyro.clear_param_store()

@@ -24,7 +24,7 @@ from bdiff_pyro.train import TrainingStopped, train
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "model.T=6", "--set", "model.hidden=[16]", "--set", "train.steps=40",
         "--set", "train.eval_every=20", "--set", "train.checkpoint_every=20", "--set", "evaluate.num_samples=500",
-        "--set", "evaluate.replicates=2", "--set", "train.eval_samples=100"]
+        "--set", "evaluate.replicates=2", "--set", "train.eval_samples=100", "--set", "evaluate.diagnose=false"]
 
 
 def bdiff(*args, cwd=None):
@@ -149,7 +149,8 @@ def test_checkpoint_whose_weights_do_not_match_its_config(tiny_run, tmp_path):
 def test_interrupt_then_resume(tmp_path):
     out = tmp_path / "run"
     args = [*TINY[:4], "--set", "train.steps=100000", "--set", "train.checkpoint_every=10",
-            "--set", "train.eval_every=50000", "--set", "evaluate.replicates=2", "--set", "evaluate.num_samples=100"]
+            "--set", "train.eval_every=50000", "--set", "evaluate.replicates=2", "--set", "evaluate.num_samples=100",
+            "--set", "evaluate.diagnose=false"]
     process = subprocess.Popen([sys.executable, "-m", "bdiff_pyro", "train", "experiments/configs/heartbeat.yaml",
                                 "--out", str(out), "--quiet", *args], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)

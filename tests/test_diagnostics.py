@@ -1,6 +1,7 @@
 """ArviZ diagnostics of a run: the DataTree on disk, R-hat that can fail, ESS and MCSE against
 the bound estimator's own standard error, and never overwriting earlier results."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ from bdiff_pyro.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.T=6", "model.hidden=[16]", "train.steps=40", "train.eval_every=40", "train.checkpoint_every=40",
-        "evaluate.num_samples=100", "evaluate.replicates=2", "train.eval_samples=100", "train.lr=0.01"]
+        "evaluate.num_samples=100", "evaluate.replicates=2", "train.eval_samples=100", "train.lr=0.01",
+        "evaluate.diagnose=false"]
 QUIET = dict(progress=False, log=lambda *_: None)
 
 
@@ -96,21 +98,29 @@ def test_summary_files_and_plots(tiny_run, diagnosed):
     assert width <= np.min(values[count - 1:] - values[:len(values) - count + 1]) + 1e-9
 
 
-def test_never_overwrites_earlier_results(tiny_run, diagnosed):
-    first = Path(diagnosed["files"]["datatree"])
-    before = first.read_bytes()
-    again = diagnostics.diagnose(tiny_run, chains=2, draws=20, seed=1, plots=False, **QUIET)
-    assert Path(again["files"]["datatree"]) == tiny_run / "diagnostics-2.nc"
-    assert Path(again["files"]["summary_csv"]) == tiny_run / "summary-2.csv"
-    assert first.read_bytes() == before
-    with xr.open_datatree(tiny_run / "diagnostics-2.nc") as tree:
-        assert tree["posterior_predictive"].sizes["chain"] == 2
-    forced = diagnostics.diagnose(tiny_run, chains=2, draws=20, seed=1, plots=False, overwrite=True, **QUIET)
-    assert Path(forced["files"]["datatree"]) == first
-    assert first.read_bytes() != before
-    assert not list(tiny_run.glob(".*.tmp"))
+def test_never_overwrites_earlier_results(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("checkpoint.pt", "config.yaml"):
+        shutil.copy(tiny_run / name, run / name)
+    first = diagnostics.diagnose(run, chains=2, draws=20, seed=0, plots=False, **QUIET)
+    path = Path(first["files"]["datatree"])
+    assert path == run / "diagnostics.nc"
+    before = path.read_bytes()
+    again = diagnostics.diagnose(run, chains=3, draws=20, seed=1, plots=False, **QUIET)
+    assert Path(again["files"]["datatree"]) == run / "diagnostics-2.nc"
+    assert Path(again["files"]["summary_csv"]) == run / "summary-2.csv"
+    assert Path(again["files"]["summary_md"]) == run / "summary-2.md"
+    assert path.read_bytes() == before
+    with xr.open_datatree(run / "diagnostics-2.nc") as tree:
+        assert tree["posterior_predictive"].sizes["chain"] == 3
+    forced = diagnostics.diagnose(run, chains=3, draws=20, seed=1, plots=False, overwrite=True, **QUIET)
+    assert Path(forced["files"]["datatree"]) == path
+    assert path.read_bytes() != before
+    assert not list(run.glob(".*.tmp"))
     with pytest.raises(UserError, match="chains"):
-        diagnostics.diagnose(tiny_run, chains=1, draws=20, **QUIET)
+        diagnostics.diagnose(run, chains=1, draws=20, **QUIET)
+    assert sorted(p.name for p in run.glob("diagnostics*")) == ["diagnostics-2.nc", "diagnostics.nc"]
 
 
 def _tree_of(chains_of_samples, dataset):

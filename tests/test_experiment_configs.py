@@ -12,7 +12,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs
 # Training configs have a `train:` section; other experiments (compare, ...) test their own.
 TRAINING_CONFIGS = [c for c in CONFIGS if "train" in (yaml.safe_load(c.read_text()) or {})]
 TINY = ["model.T=4", "model.hidden=[8]", "train.steps=4", "train.eval_every=2", "train.checkpoint_every=2",
-        "evaluate.num_samples=50", "evaluate.replicates=2", "train.eval_samples=20", "train.eval_sequences=8"]
+        "evaluate.num_samples=50", "evaluate.replicates=2", "train.eval_samples=20", "train.eval_sequences=8",
+        "evaluate.diagnose=false"]
 
 
 def test_the_documented_configs_exist():
