@@ -13,13 +13,12 @@ import json
 import statistics
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import command_line, machine_description  # noqa: E402
+from machine import default_out, start  # noqa: E402
 
 from bdiff_pyro.config import load_config  # noqa: E402
 from bdiff_pyro.train import train  # noqa: E402
@@ -72,12 +71,9 @@ def markdown(results, machine, command):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=[str(ROOT / "experiments/configs" / c) for c in DEFAULT_CONFIGS])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/out" / f"heartbeat-{datetime.now():%Y%m%d-%H%M%S}")
+    parser.add_argument("--out", type=Path, default=default_out("heartbeat"))
     args = parser.parse_args(argv)
-    if args.out.exists():
-        parser.error(f"{args.out} exists; refusing to overwrite earlier results")
-    machine, command = machine_description(), command_line()
-    print(f"machine: {machine}\ncommand: {command}")
+    machine, command = start(parser, args)
     results = [run(c, args.out) for c in args.configs]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"machine": machine, "command": command, "results": results}, indent=2))

@@ -14,7 +14,6 @@ import json
 import statistics
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import matplotlib
@@ -23,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import command_line, machine_description  # noqa: E402
+from machine import default_out, start  # noqa: E402
 
 from bdiff_pyro.checkpoints import load_with_config  # noqa: E402
 from bdiff_pyro.data import load_dataset  # noqa: E402
@@ -43,12 +42,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--num", type=int, default=10000)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/out" / f"sampling-{datetime.now():%Y%m%d-%H%M%S}")
+    parser.add_argument("--out", type=Path, default=default_out("sampling"))
     args = parser.parse_args(argv)
-    if args.out.exists():
-        parser.error(f"{args.out} exists; refusing to overwrite earlier results")
-    machine, command = machine_description(), command_line()
-    print(f"machine: {machine}\ncommand: {command}")
+    machine, command = start(parser, args)
     config, model = load_with_config(args.run_dir)
     dataset = load_dataset(config.data)
     full = [timed_samples(model, args.num, seed)[1] for seed in range(3)]
