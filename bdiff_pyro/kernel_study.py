@@ -144,6 +144,7 @@ def score(process, x0, replicates, seed, whole_distribution):
     data_se = None if whole_distribution or num < 2 else float(per_sequence.std(unbiased=True) / math.sqrt(num))
     with torch.no_grad():
         prior_kl = float(-prior_term(process.kernel, x0.to(process.kernel.log_pi.dtype)).mean()) / LN2
+    prior_kl = prior_kl if prior_kl > 0 else 0.0  # a KL: -0.0 and tiny negatives are rounding
     return {"nll_bits": float(per_sequence.mean()), "mc_se_bits": mc_se, "data_se_bits": data_se,
             "prior_kl_bits": prior_kl, "per_sequence_bits": per_sequence.tolist()}
 

@@ -51,14 +51,14 @@ def main(argv=None):
     throughput = {"T": model.T, "num": args.num, "median_seconds": statistics.median(full),
                   "samples_per_second": args.num / statistics.median(full),
                   "per_second_at_T1000": args.num / statistics.median(full) * model.T / 1000}
-    print(f"full sampler: {throughput['samples_per_second']:.0f} samples/s at T = {model.T}")
+    print(f"full sampler: {throughput['samples_per_second']:.0f} samples/s at T = {model.T}", flush=True)
     strided = []
     for steps in [s for s in STEPS if s <= model.T]:
         samples, seconds = timed_samples(model, args.num, 0, steps)
         strided.append({"evaluations": steps, "exact_fraction": membership(samples, dataset.train, dataset.val)["train"],
                         "shift_fractions": pattern_histogram(samples, dataset.support), "seconds": seconds,
                         "samples_per_second": args.num / seconds})
-        print(f"{steps:5d} evaluations: {strided[-1]['exact_fraction']:.2%} exact, {seconds:.2f} s")
+        print(f"{steps:5d} evaluations: {strided[-1]['exact_fraction']:.2%} exact, {seconds:.2f} s", flush=True)
     args.out.mkdir(parents=True)
     (args.out / "results.json").write_text(json.dumps({"machine": machine, "command": command, "run": str(args.run_dir),
                                                         "throughput": throughput, "strided": strided}, indent=2))
