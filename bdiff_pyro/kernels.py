@@ -165,6 +165,10 @@ class DiscreteKernel(nn.Module):
         """log q(x^t = k | x^{t-1}) = log Q_t[x^{t-1}, k], shape (..., n, K)."""
         return _rows(self.log_Q, t, x_prev)
 
+    def q_step_likelihood(self, x_t, t):
+        """log q(x^t | x^{t-1} = k) = log Q_t[k, x^t] over k, shape (..., n, K)."""
+        return _rows(self.log_Q.transpose(-1, -2), t, x_t)
+
     def q_marginal_log_probs(self, x0, t):
         """log q(x^t = k | x^0) = log Qbar_t[x^0, k], shape (..., n, K)."""
         return _rows(self.log_Qbar, t, x0)
@@ -205,8 +209,7 @@ class DiscreteKernel(nn.Module):
         Normalised because pi is stationary: sum_k pi_k Q_1[k, j] = pi_j.
         """
         x1 = _index(x1)
-        likelihood = _rows(self.log_Q.transpose(-1, -2), 1, x1)
-        return likelihood + self.log_pi - self.log_pi[x1].unsqueeze(-1)
+        return self.q_step_likelihood(x1, 1) + self.log_pi - self.log_pi[x1].unsqueeze(-1)
 
     def site_dist(self, log_probs):
         """The Pyro distribution of one time slice: Bernoulli sites for K = 2 (values 0./1.),

@@ -6,7 +6,8 @@ generative Pyro program of DESIGN.md section 2
 where the last (edge) step is the paper's closed form when the kernel has one, and the
 network's prediction of x^0 otherwise.  The network is parameterised either
 
-- ``direct``: it outputs the logits of p(x^{t-1} | x^t) (the paper, the reference repo), or
+- ``direct``: it outputs the logits of p(x^{t-1} | x^t) (the paper, the reference repo), as
+  a correction added to log q(x^t | x^{t-1} = k), or
 - ``x0``: it outputs the logits of P(x^0 | x^t) and p(x^{t-1} | x^t) is the posterior
   q(x^{t-1} | x^t, x^0) averaged over that prediction (DESIGN.md section 3, as in D3PM).
 """
@@ -22,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import UserError
+from .kernels import normalise
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU}
 PARAMETERISATIONS = ("direct", "x0")
@@ -99,7 +101,13 @@ class ReverseProcess(PyroModule):
         if isinstance(t, int) and t == 1:
             return self.x0_log_probs(x_t, t)  # the learned edge step p(x^0 | x^1)
         if self.parameterisation == "direct":
-            return self.net(x_t, t)
+            # The network corrects the forward step's likelihood q(x^t | x^{t-1} = k): at
+            # beta_t ~ 1/T the reverse step is nearly "stay", which a bare network would
+            # have to learn from scratch at every t.
+            likelihood = self.kernel.q_step_likelihood(x_t, t)
+            # an x^t that no x^{t-1} can reach (absorbing kernels at beta_t = 1): no prior shape
+            likelihood = torch.where(torch.isneginf(likelihood).all(-1, keepdim=True), 0.0, likelihood)
+            return normalise(self.net(x_t, t) + likelihood)
         if not isinstance(t, int) and bool((torch.as_tensor(t) == 1).any()):
             raise ValueError("per-sequence t = 1 is only defined for the direct parameterisation")
         return self.kernel.q_posterior_log_probs_mixture(x_t, self.x0_log_probs(x_t, t), t)
