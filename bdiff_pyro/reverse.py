@@ -95,11 +95,21 @@ class ReverseProcess(PyroModule):
         return self.kernel.T
 
     def log_probs(self, x_t, t):
-        """log p(x^{t-1} = k | x^t), shape (..., n, K); t = 1 is the edge step p(x^0 | x^1)."""
-        if isinstance(t, int) and t == 1 and self.kernel.closed_form_edge:
-            return self.kernel.edge_log_probs(x_t)
-        if isinstance(t, int) and t == 1:
-            return self.x0_log_probs(x_t, t)  # the learned edge step p(x^0 | x^1)
+        """log p(x^{t-1} = k | x^t), shape (..., n, K); t = 1 is the edge step p(x^0 | x^1).
+        t is an int or one time per sequence (shape x_t.shape[:-1])."""
+        if isinstance(t, int):
+            return self._edge_log_probs(x_t) if t == 1 else self._step_log_probs(x_t, t)
+        t = torch.as_tensor(t, device=x_t.device)
+        step = self._step_log_probs(x_t, t.clamp_min(2))  # rows with t = 1 are replaced below
+        is_edge = (t == 1)[..., None, None]
+        return torch.where(is_edge, self._edge_log_probs(x_t), step) if bool(is_edge.any()) else step
+
+    def _edge_log_probs(self, x1):
+        if self.kernel.closed_form_edge:
+            return self.kernel.edge_log_probs(x1)
+        return self.x0_log_probs(x1, 1)  # the learned edge step
+
+    def _step_log_probs(self, x_t, t):
         if self.parameterisation == "direct":
             # The network corrects the forward step's likelihood q(x^t | x^{t-1} = k): at
             # beta_t ~ 1/T the reverse step is nearly "stay", which a bare network would
@@ -108,8 +118,6 @@ class ReverseProcess(PyroModule):
             # an x^t that no x^{t-1} can reach (absorbing kernels at beta_t = 1): no prior shape
             likelihood = torch.where(torch.isneginf(likelihood).all(-1, keepdim=True), 0.0, likelihood)
             return normalise(self.net(x_t, t) + likelihood)
-        if not isinstance(t, int) and bool((torch.as_tensor(t) == 1).any()):
-            raise ValueError("per-sequence t = 1 is only defined for the direct parameterisation")
         return self.kernel.q_posterior_log_probs_mixture(x_t, self.x0_log_probs(x_t, t), t)
 
     def x0_log_probs(self, x_t, t):

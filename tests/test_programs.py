@@ -100,3 +100,16 @@ def test_strided_sampler_uses_the_requested_number_of_network_calls():
     samples = process.sample(16, seed=0, steps=5)
     assert len(calls) == 5 and samples.shape == (16, 4)
     assert [t for t, _ in process.stride_grid(5)] == [20, 16, 12, 8, 4]
+
+
+@pytest.mark.parametrize("parameterisation", ["x0", "direct"])
+def test_per_sequence_times_match_one_time_at_a_time(parameterisation):
+    """log_probs with one t per sequence (training) equals calls with each int t, edge included."""
+    from conftest import KERNEL_CASES, make_kernel_process
+    for case in KERNEL_CASES:
+        process = make_kernel_process(case, n=3, T=5, parameterisation=parameterisation)
+        x = torch.randint(process.kernel.num_data_states, (5, 3)).double()
+        t = torch.tensor([1, 2, 3, 4, 5])
+        together = process.log_probs(x, t)
+        for row in range(5):
+            assert torch.allclose(together[row], process.log_probs(x[row:row + 1], int(t[row]))[0], atol=1e-12), case
