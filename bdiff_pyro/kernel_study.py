@@ -277,6 +277,14 @@ def winners(rows):
     return sentences
 
 
+def figure_examples(held_out, num, seed=0):
+    """``num`` held-out sequences for the figure's data column: a seeded random choice, or
+    all of them repeated in order when there are fewer (the five heartbeat patterns)."""
+    if len(held_out) > num:
+        return held_out[torch.randperm(len(held_out), generator=torch.Generator().manual_seed(seed))[:num]]
+    return held_out.repeat(-(-num // len(held_out)), 1)[:num]
+
+
 def plot_samples(rows, data_examples, path, columns=4):
     """One row of panels per data set: held-out data, then each trained kernel's samples
     (heartbeat: one sample per line; digits: 8x8 images, 4 x 4)."""

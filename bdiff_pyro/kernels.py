@@ -194,7 +194,7 @@ class DiscreteKernel(nn.Module):
         else:
             table = posterior_table(self.log_span(s, t), self.log_Qbar[s])[_index(x_t)]
         mixture = (x0_log_probs.exp().unsqueeze(-1) * table.exp()).sum(-2)  # (..., n, K)
-        return mixture.log()
+        return safe_log(mixture)
 
     def log_span(self, s, t):
         """log of the s -> t transition matrix Q_{s+1} ... Q_t (products; closed forms override)."""
@@ -217,6 +217,18 @@ class DiscreteKernel(nn.Module):
         if self.num_states == 2:
             return dist.Bernoulli(logits=log_probs[..., 1] - log_probs[..., 0])
         return dist.Categorical(logits=log_probs)
+
+
+def safe_log(p):
+    """log p with log 0 = -inf and a zero (not NaN) gradient there: the double-where trick.
+
+    A plain p.log() has derivative 1/p = inf at p = 0, so the zero gradient that a term
+    ignoring the entry sends back (a KL where q = 0, an unselected torch.where branch)
+    becomes 0 * inf = NaN.  Zeros happen whenever a kernel has zeros in Q_t: absorbing
+    (an unmasked x^t), flip-to-another-state at beta_t = 1.
+    """
+    positive = p > 0
+    return torch.where(positive, torch.where(positive, p, torch.ones_like(p)).log(), torch.full_like(p, -math.inf))
 
 
 def posterior_table(log_span, log_prior):

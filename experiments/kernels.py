@@ -28,8 +28,9 @@ import torch  # noqa: E402
 
 from benchmarks.machine import command_line, machine_description  # noqa: E402
 from bdiff_pyro.errors import UserError  # noqa: E402
-from bdiff_pyro.kernel_study import (DATASET_NAMES, KERNEL_ORDER, markdown_table, paired_differences,  # noqa: E402
-                                     plan, plot_samples, reference, run_cell, score_set, winners)
+from bdiff_pyro.kernel_study import (DATASET_NAMES, KERNEL_ORDER, figure_examples, markdown_table,  # noqa: E402
+                                     paired_differences, plan, plot_samples, reference, run_cell, score_set,
+                                     winners)
 from bdiff_pyro.train import new_run_dir  # noqa: E402
 
 CONFIGS = ROOT / "experiments" / "configs"
@@ -74,10 +75,7 @@ def main(argv=None):
     for spec, kernel, config, twin in cells:
         if spec.name not in references:
             references[spec.name] = reference(config)
-            held_out = score_set(config)[0]
-            examples[spec.name] = held_out[torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))
-                                           [: args.figure_samples]] if len(held_out) > args.figure_samples \
-                else held_out.repeat(-(-args.figure_samples // len(held_out)), 1)[: args.figure_samples]
+            examples[spec.name] = figure_examples(score_set(config)[0], args.figure_samples)
             settings[spec.name] = {**config.to_dict(), "model": {**config.to_dict()["model"], "kernel": "(varies)"}}
         if twin is not None:
             row = {**trained[(spec.name, twin)], "kernel": kernel, "same_as": twin}

@@ -61,7 +61,7 @@ def test_independent_baseline_and_paired_differences_by_hand():
     test = np.array([[0, 1]])
     # position 0: counts (2.5, 1.5) / 4; position 1: (0.5, 3.5) / 4
     expected = -(math.log2(2.5 / 4) + math.log2(3.5 / 4))
-    bits, se = independent_baseline_bits(np.vstack([train]), np.vstack([test, test]), 2)
+    bits, se = independent_baseline_bits(train, np.vstack([test, test]), 2)
     assert bits == pytest.approx(expected) and se == 0.0
     rows = [{"dataset": "d", "kernel": "a", "nll_bits": 2.0, "mc_se_bits": 0.1, "data_se_bits": 1.0,
              "per_sequence_bits": [1.0, 3.0]},
