@@ -1,4 +1,4 @@
-"""The "Writing your own kernel" example of docs/kernels.md runs as documented: its python
+"""The "Writing your own kernel" example of README.md runs as documented: its python
 code blocks, joined in order, are executed in a fresh interpreter (the example registers a
 kernel in the global KERNELS table, which must not leak into other tests).  The example
 asserts its own exact cross-check (analytic bound == TraceEnum_ELBO to 1e-8)."""
@@ -10,11 +10,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "kernels.md"
+DOC = ROOT / "README.md"
 
 
 def python_blocks(text):
-    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    """The python blocks of the section "Writing your own kernel" (up to the next section)."""
+    section = text[text.index("### Writing your own kernel"):]
+    section = section[:section.index("\n## ")] if "\n## " in section else section
+    return re.findall(r"^```python\n(.*?)^```", section, flags=re.S | re.M)
 
 
 def test_the_doc_has_a_complete_kernel_example():
