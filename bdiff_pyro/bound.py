@@ -126,7 +126,8 @@ def elbo_exact(kernel, reverse_log_probs, x0):
         weights = log_prob_of(log_q_t, states).sum(-1).exp()  # q(x^t = s | x^0), (B, S)
         log_p = reverse_log_probs(states, t)  # (S, n, K), shared by every x^0
         terms = step_term(kernel, lambda x, s: log_p, x0.unsqueeze(-2), states, t)  # (B, S)
-        total = total - (weights * terms).sum(-1)
+        # states q cannot reach carry no weight, even where the model rules them out (inf terms)
+        total = total - torch.where(weights > 0, weights * terms, 0.0).sum(-1)
     return total
 
 

@@ -30,8 +30,9 @@ def build_process(model_config, n, levels=2):
     """A freshly initialised reverse process for sequences of length n."""
     kernel = build_kernel(model_config, levels)
     net = ReverseNet(n, kernel.num_states, hidden=tuple(model_config.hidden),
-                     activation=model_config.activation, time_embedding=model_config.time_embedding)
-    return ReverseProcess(kernel, net, model_config.parameterisation).float()
+                     activation=model_config.activation, time_embedding=model_config.time_embedding,
+                     num_features=ReverseProcess.num_features(kernel, model_config.inputs))
+    return ReverseProcess(kernel, net, model_config.parameterisation, model_config.inputs).float()
 
 
 def save_atomically(payload, path):

@@ -52,6 +52,7 @@ class ModelConfig:
     schedule_power: float = 2.0  # power schedule: beta~_t = (t/T)^power
     pi_1: typing.Union[float, str] = 0.5  # stationary P(bit = 1), or "data" for the training mean
     parameterisation: str = "x0"  # direct | x0
+    inputs: str = "state"  # state (one-hot x^t) | evidence (P(x^0_i | x^t_i), see reverse.py)
     hidden: typing.List[int] = field(default_factory=lambda: [128, 128])
     activation: str = "silu"  # sigmoid | tanh | relu | silu
     time_embedding: int = 32
@@ -68,6 +69,7 @@ class ModelConfig:
         elif not 0.0 < self.pi_1 < 1.0:
             raise UserError(f"{where}: model.pi_1 must lie strictly between 0 and 1 (got {self.pi_1})")
         _choice(where, "model.parameterisation", self.parameterisation, ("direct", "x0"))
+        _choice(where, "model.inputs", self.inputs, ("state", "evidence"))
         _choice(where, "model.activation", self.activation, ("sigmoid", "tanh", "relu", "silu"))
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise UserError(f"{where}: model.hidden must be a non-empty list of positive sizes (got {self.hidden})")
@@ -87,11 +89,14 @@ class TrainConfig:
     eval_samples: int = 1000  # samples drawn at each evaluation during training
     eval_sequences: int = 256  # held-out sequences scored at each evaluation during training
     t_sampling: str = "uniform"  # uniform | importance (r(t) ∝ sqrt(E L_t^2), unbiased)
+    ema: float = 0.0  # decay of the weight average used for evaluation and samples (0: off)
 
     def validate(self, where):
         for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_samples", "eval_sequences"):
             _at_least(where, f"train.{key}", getattr(self, key), 1)
         _choice(where, "train.t_sampling", self.t_sampling, ("uniform", "importance"))
+        if not 0.0 <= self.ema < 1.0:
+            raise UserError(f"{where}: train.ema must be in [0, 1) (got {self.ema})")
         for key in ("lr", "lr_final", "clip_norm"):
             if getattr(self, key) <= 0:
                 raise UserError(f"{where}: train.{key} must be > 0 (got {getattr(self, key)})")

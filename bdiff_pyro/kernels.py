@@ -169,6 +169,10 @@ class DiscreteKernel(nn.Module):
         """log q(x^t | x^{t-1} = k) = log Q_t[k, x^t] over k, shape (..., n, K)."""
         return _rows(self.log_Q.transpose(-1, -2), t, x_t)
 
+    def x0_likelihood(self, x_t, t):
+        """log q(x^t | x^0 = v) = log Qbar_t[v, x^t] over v, shape (..., n, K)."""
+        return _rows(self.log_Qbar.transpose(-1, -2), t, x_t)
+
     def q_marginal_log_probs(self, x0, t):
         """log q(x^t = k | x^0) = log Qbar_t[x^0, k], shape (..., n, K)."""
         return _rows(self.log_Qbar, t, x0)

@@ -10,12 +10,22 @@ network's prediction of x^0 otherwise.  The network is parameterised either
   a correction added to log q(x^t | x^{t-1} = k), or
 - ``x0``: it outputs the logits of P(x^0 | x^t) and p(x^{t-1} | x^t) is the posterior
   q(x^{t-1} | x^t, x^0) averaged over that prediction (DESIGN.md section 3, as in D3PM).
+
+The network reads x^t in one of two codes (``inputs``):
+
+- ``state``: the one-hot code of x^t, and the time t;
+- ``evidence``: what each position alone says about its clean value,
+  P(x^0_i = v | x^t_i) under a uniform prior, and the time t.  Through x^0, the network's
+  logits are then added to the evidence log q(x^t_i | x^0_i = v): by Bayes' rule
+  log P(x^0_i | x^t) = log q(x^t_i | x^0_i) + log P(x^0_i | x^t_{-i}) + const, so the network
+  only has to supply what the *other* positions say.  Both are closed forms of the kernel.
 """
 
 import contextlib
 import math
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
@@ -23,10 +33,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import UserError
-from .kernels import normalise
+from .kernels import normalise, posterior_table
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU}
 PARAMETERISATIONS = ("direct", "x0")
+INPUTS = ("state", "evidence")
 
 
 def sinusoidal_embedding(t, dim):
@@ -37,36 +48,82 @@ def sinusoidal_embedding(t, dim):
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
-class ReverseNet(nn.Module):
-    """An MLP from (x^t, t) to n x (K-1) logits (the logit of state 0 is fixed at 0).
+def _per_state(table, t, x):
+    """table[t, x_i] for a (T+1, 2) table and bits x (..., n); t an int or one time per
+    sequence.  Picked as table[t, 0] (1 - x) + table[t, 1] x, exact for x in {0, 1} and finite
+    entries, and cheaper than indexing."""
+    rows = table[t]
+    if not isinstance(t, int):
+        rows = rows.unsqueeze(-2)  # (..., 1, 2): one row per sequence
+    x = x.to(table.dtype)
+    return rows[..., 0] * (1 - x) + rows[..., 1] * x
 
-    Input: the one-hot code of every dimension without its state-0 column (for bits: x^t
-    itself) and a sinusoidal embedding of t.  The first layer is split into a state part and
-    a time part so that, when every sequence shares t (sampling), the time part is computed
-    once per step.  One network for all steps: its size does not grow with T.
+
+def _by_time(edge, step, x_t, t):
+    """edge(x^1) at t = 1, step(x^t, t) at t >= 2; t an int or one time per sequence."""
+    if isinstance(t, int):
+        return edge(x_t) if t == 1 else step(x_t, t)
+    t = torch.as_tensor(t, device=x_t.device)
+    out = step(x_t, t.clamp_min(2))  # rows with t = 1 are replaced below
+    is_edge = t == 1
+    if not bool(is_edge.any()):
+        return out
+    return torch.where(is_edge.reshape(is_edge.shape + (1,) * (out.dim() - is_edge.dim())), edge(x_t), out)
+
+
+def binary_mixture_logits(log_posterior, x_t, x0_logits):
+    """Bits: logit of sum_v q(x^s = 1 | x^t, x^0 = v) P(x^0 = v), P(x^0 = 1) = sigmoid(x0_logits).
+
+    log_posterior[..., j, v, k] = log q(x^s = k | x^t = j, x^0 = v): one (2, 2, 2) table, or
+    one per sequence (..., 2, 2, 2).  The same mixture as
+    ``DiscreteKernel.q_posterior_log_probs_mixture``, in probability space (sums of
+    non-negative terms), with p(0) and p(1) each formed from their own table entries so that
+    neither is computed as 1 minus the other.
+    """
+    probs = log_posterior.exp()
+    if probs.dim() > 3:
+        probs = probs.unsqueeze(-4)  # (..., 1, j, v, k): one table per sequence
+    x = x_t.to(probs.dtype)
+    not_x = 1 - x
+    picked = [[probs[..., 0, v, k] * not_x + probs[..., 1, v, k] * x for k in (0, 1)] for v in (0, 1)]
+    p_x0_0, p_x0_1 = torch.sigmoid(-x0_logits), torch.sigmoid(x0_logits)
+    p0 = p_x0_0 * picked[0][0] + p_x0_1 * picked[1][0]
+    p1 = p_x0_0 * picked[0][1] + p_x0_1 * picked[1][1]
+    return p1.log() - p0.log()
+
+
+class ReverseNet(nn.Module):
+    """An MLP from per-position features of x^t and the time t to n x (K-1) logits (the
+    logit of state 0 is fixed at 0).
+
+    Input: ``num_features`` numbers per position (by default K - 1: the one-hot code of the
+    state without its state-0 column, for bits x^t itself) and a sinusoidal embedding of t.
+    The first layer is split into a state part and a time part so that, when every sequence
+    shares t (sampling), the time part is computed once per step.  One network for all
+    steps: its size does not grow with T.
     """
 
-    def __init__(self, n, num_states, hidden=(128, 128), activation="silu", time_embedding=32):
+    def __init__(self, n, num_states, hidden=(128, 128), activation="silu", time_embedding=32, num_features=None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise UserError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
         self.n, self.num_states, self.time_embedding = n, num_states, time_embedding
-        self.state_in = nn.Linear(n * (num_states - 1), hidden[0])
+        self.num_features = num_states - 1 if num_features is None else num_features
+        self.state_in = nn.Linear(n * self.num_features, hidden[0])
         self.time_in = nn.Linear(time_embedding, hidden[0], bias=False)
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(hidden[:-1], hidden[1:]))
         self.out = nn.Linear(hidden[-1], n * (num_states - 1))
         self.act = ACTIVATIONS[activation]()
 
-    def forward(self, x_t, t):
-        """(..., n) states and an int or per-sequence t -> (..., n, K) normalised log-probs."""
+    def forward(self, features, t):
+        """(..., n, num_features) features and an int or per-sequence t -> (..., n, K - 1)
+        logits of states 1..K-1 against state 0."""
         dtype = self.state_in.weight.dtype
-        features = F.one_hot(x_t.long(), self.num_states)[..., 1:].to(dtype).flatten(-2)
         time = sinusoidal_embedding(t, self.time_embedding).to(dtype)
-        h = self.act(self.state_in(features) + self.time_in(time))
+        h = self.act(self.state_in(features.to(dtype).flatten(-2)) + self.time_in(time))
         for layer in self.hidden:
             h = self.act(layer(h))
-        logits = self.out(h).unflatten(-1, (self.n, self.num_states - 1))
-        return torch.log_softmax(F.pad(logits, (1, 0)), dim=-1)
+        return self.out(h).unflatten(-1, (self.n, self.num_states - 1))
 
 
 class ReverseProcess(PyroModule):
@@ -76,15 +133,26 @@ class ReverseProcess(PyroModule):
     it; ``reverse_probs`` and ``sample`` are the stable API; ``forward`` is the Pyro program.
     """
 
-    def __init__(self, kernel, net, parameterisation="x0"):
+    def __init__(self, kernel, net, parameterisation="x0", inputs="state"):
         super().__init__()
         if parameterisation not in PARAMETERISATIONS:
             raise UserError(f"unknown parameterisation {parameterisation!r}; choose one of {PARAMETERISATIONS}")
+        if inputs not in INPUTS:
+            raise UserError(f"unknown network inputs {inputs!r}; choose one of {INPUTS}")
+        expected = self.num_features(kernel, inputs)
+        if net.num_features != expected:
+            raise ValueError(f"{inputs!r} inputs give {expected} features per position; the network takes {net.num_features}")
         self.kernel = kernel
         self.net = net
         self.parameterisation = parameterisation
+        self.inputs = inputs
         # Every layer must go through pyro.param to be trained by SVI (see README, pitfalls).
         to_pyro_module_(self.net)
+
+    @staticmethod
+    def num_features(kernel, inputs):
+        """Numbers per position the network reads: K - 1 (one-hot) or K_data - 1 (evidence)."""
+        return (kernel.num_states if inputs == "state" else kernel.num_data_states) - 1
 
     @property
     def n(self):
@@ -94,20 +162,62 @@ class ReverseProcess(PyroModule):
     def T(self):
         return self.kernel.T
 
+    @property
+    def binary(self):
+        """Two states: every step is one Bernoulli logit per position (the fast path)."""
+        return self.kernel.num_states == 2
+
+    # -- what the network reads and says --------------------------------------------------
+    def _net(self, x_t, t):
+        """The network's logits (..., n, K - 1) (state 0 fixed at 0) on x^t coded as
+        ``inputs`` says."""
+        if self.inputs == "state":
+            features = x_t.unsqueeze(-1) if self.binary else F.one_hot(x_t.long(), self.kernel.num_states)[..., 1:]
+        elif self.binary:
+            features = torch.sigmoid(self._evidence_logit(x_t, t)).unsqueeze(-1)  # P(x^0_i = 1 | x^t_i)
+        else:
+            features = self._data_evidence(x_t, t).softmax(-1)[..., 1:]
+        return self.net(features, t)
+
+    def _data_evidence(self, x_t, t):
+        """log q(x^t_i | x^0_i = v) over the data states v, shape (..., n, K_data); zero
+        (no evidence) for an x^t_i that no data state reaches (absorbing kernels at t = T)."""
+        evidence = self.kernel.x0_likelihood(x_t, t)[..., :self.kernel.num_data_states]
+        return torch.where(torch.isneginf(evidence).all(-1, keepdim=True), 0.0, evidence)
+
+    def _evidence_logit(self, x_t, t):
+        """Bits: log q(x^t_i | x^0_i = 1) - log q(x^t_i | x^0_i = 0)."""
+        log_Qbar = self.kernel.log_Qbar
+        return _per_state(log_Qbar[:, 1, :] - log_Qbar[:, 0, :], t, x_t)
+
+    # -- the reverse step ---------------------------------------------------------------------
     def log_probs(self, x_t, t):
         """log p(x^{t-1} = k | x^t), shape (..., n, K); t = 1 is the edge step p(x^0 | x^1).
         t is an int or one time per sequence (shape x_t.shape[:-1])."""
-        if isinstance(t, int):
-            return self._edge_log_probs(x_t) if t == 1 else self._step_log_probs(x_t, t)
-        t = torch.as_tensor(t, device=x_t.device)
-        step = self._step_log_probs(x_t, t.clamp_min(2))  # rows with t = 1 are replaced below
-        is_edge = (t == 1)[..., None, None]
-        return torch.where(is_edge, self._edge_log_probs(x_t), step) if bool(is_edge.any()) else step
+        if self.binary:
+            logits = self.logits(x_t, t)
+            return torch.stack([F.logsigmoid(-logits), F.logsigmoid(logits)], dim=-1)
+        return _by_time(self._edge_log_probs, self._step_log_probs, x_t, t)
+
+    def logits(self, x_t, t):
+        """Bits: the logit of p(x^{t-1} = 1 | x^t), shape (..., n)."""
+        return _by_time(self._edge_logits, self._step_logits, x_t, t)
+
+    def step_dist(self, x_t, t):
+        """p(x^{t-1} | x^t) as the Pyro distribution of one time slice.  The Pyro program and
+        ``sample`` both draw from it, so they give the same samples for the same seed."""
+        if self.binary:
+            return dist.Bernoulli(logits=self.logits(x_t, t))
+        return dist.Categorical(logits=self.log_probs(x_t, t))
 
     def _edge_log_probs(self, x1):
         if self.kernel.closed_form_edge:
             return self.kernel.edge_log_probs(x1)
         return self.x0_log_probs(x1, 1)  # the learned edge step
+
+    def _edge_logits(self, x1):
+        log_probs = self._edge_log_probs(x1)
+        return log_probs[..., 1] - log_probs[..., 0]
 
     def _step_log_probs(self, x_t, t):
         if self.parameterisation == "direct":
@@ -117,34 +227,51 @@ class ReverseProcess(PyroModule):
             likelihood = self.kernel.q_step_likelihood(x_t, t)
             # an x^t that no x^{t-1} can reach (absorbing kernels at beta_t = 1): no prior shape
             likelihood = torch.where(torch.isneginf(likelihood).all(-1, keepdim=True), 0.0, likelihood)
-            return normalise(self.net(x_t, t) + likelihood)
+            return normalise(F.pad(self._net(x_t, t), (1, 0)) + likelihood)
         return self.kernel.q_posterior_log_probs_mixture(x_t, self.x0_log_probs(x_t, t), t)
+
+    def _step_logits(self, x_t, t):
+        """Bits: the same step as :meth:`_step_log_probs`, one logit per position."""
+        if self.parameterisation == "direct":
+            log_Q = self.kernel.log_Q
+            return self._net(x_t, t)[..., 0] + _per_state(log_Q[:, 1, :] - log_Q[:, 0, :], t, x_t)
+        return binary_mixture_logits(self.kernel.log_posterior[t], x_t, self.x0_logits(x_t, t))
+
+    def x0_logits(self, x_t, t):
+        """Bits: the logit of the predicted P(x^0 = 1 | x^t), shape (..., n)."""
+        logits = self._net(x_t, t)[..., 0]
+        if self.inputs == "evidence":
+            logits = logits + self._evidence_logit(x_t, t)  # Bayes' rule: the position's own evidence
+        return logits
 
     def x0_log_probs(self, x_t, t):
         """The network read as log P(x^0 = v | x^t), restricted to the states data can take
         (an absorbing kernel's mask state is not one)."""
-        out = self.net(x_t, t)
+        if self.binary:
+            logits = self.x0_logits(x_t, t)
+            return torch.stack([F.logsigmoid(-logits), F.logsigmoid(logits)], dim=-1)
         data_states = self.kernel.num_data_states
-        if data_states == self.kernel.num_states:
-            return out
-        data_log_probs = torch.log_softmax(out[..., :data_states], dim=-1)
+        out = F.pad(self._net(x_t, t), (1, 0))[..., :data_states]
+        if self.inputs == "evidence":
+            out = out + self._data_evidence(x_t, t)  # Bayes' rule: the position's own evidence
+        data_log_probs = torch.log_softmax(out, dim=-1)
         return F.pad(data_log_probs, (0, self.kernel.num_states - data_states), value=-math.inf)
 
     def reverse_probs(self, x_t, t):
         """P(x^{t-1} = 1 | x^t) for bits: (B, n) float tensor of 0/1 and t in 2..T -> (B, n)."""
-        if self.kernel.num_states != 2:
+        if not self.binary:
             raise ValueError("reverse_probs is the binary API; use log_probs for K > 2 states")
         with torch.no_grad():
-            return self.log_probs(x_t, t)[..., 1].exp()
+            return torch.sigmoid(self.logits(x_t, t))
 
+    # -- the generative program and its samplers -----------------------------------------
     def forward(self, x0=None, num_sequences=None):
         """The generative Pyro program; x^0 is observed when ``x0`` is given."""
         num = x0.shape[0] if x0 is not None else num_sequences
         with pyro.plate("sequences", num, dim=-2), pyro.plate("dims", self.n, dim=-1):
             x = pyro.sample(f"x_{self.T}", self.kernel.site_dist(self.kernel.prior_log_probs((num, self.n))))
             for t in pyro.markov(range(self.T, 0, -1)):
-                x = pyro.sample(f"x_{t - 1}", self.kernel.site_dist(self.log_probs(x, t)),
-                                obs=x0 if t == 1 else None)
+                x = pyro.sample(f"x_{t - 1}", self.step_dist(x, t), obs=x0 if t == 1 else None)
         return x
 
     def sample(self, num, seed=None, steps=None):
@@ -163,13 +290,25 @@ class ReverseProcess(PyroModule):
             x = self.kernel.site_dist(self.kernel.prior_log_probs((num, self.n))).sample()
             if steps is None:
                 for t in range(self.T, 0, -1):
-                    x = self.kernel.site_dist(self.log_probs(x, t)).sample()
+                    x = self.step_dist(x, t).sample()
                 return x
             for t, s in self.stride_grid(steps):
-                x0_log_probs = self.x0_log_probs(x, t)
-                log_probs = x0_log_probs if s == 0 else self.kernel.q_posterior_log_probs_mixture(x, x0_log_probs, t, s)
-                x = self.kernel.site_dist(log_probs).sample()
+                x = self._jump_dist(x, t, s).sample()
         return x
+
+    def _jump_dist(self, x_t, t, s):
+        """x^s given x^t through the predicted x^0: q(x^s | x^t, x^0) averaged over
+        P(x^0 | x^t), or P(x^0 | x^t) itself when s = 0."""
+        if self.binary:
+            logits = self.x0_logits(x_t, t)
+            if s > 0:
+                table = posterior_table(self.kernel.log_span(s, t), self.kernel.log_Qbar[s])
+                logits = binary_mixture_logits(table, x_t, logits)
+            return dist.Bernoulli(logits=logits)
+        log_probs = self.x0_log_probs(x_t, t)
+        if s > 0:
+            log_probs = self.kernel.q_posterior_log_probs_mixture(x_t, log_probs, t, s)
+        return dist.Categorical(logits=log_probs)
 
     def stride_grid(self, steps):
         """[(t, s), ...] jumps from T to 0 with ``steps`` network evaluations."""

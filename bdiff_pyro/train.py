@@ -4,6 +4,7 @@ evaluation, checkpoints, resume, and a run directory that records everything.
 No formula lives here: the loss is ``bound.negative_elbo_estimate``; the rest is bookkeeping.
 """
 
+import contextlib
 import csv
 import json
 import math
@@ -85,6 +86,38 @@ class AnalyticLoss:
 
     def load_state_dict(self, state):
         self.mean_square, self.seen = state["mean_square"].clone(), state["seen"].clone()
+
+
+class WeightAverage:
+    """An exponential moving average of the weights (Polyak averaging), the usual way to take
+    SGD noise out of a diffusion model's final weights:  w_avg <- d w_avg + (1 - d) w.
+
+    The run's checkpoint, evaluations and samples use the average; training continues from
+    the raw weights, which the checkpoint also keeps for resuming.
+    """
+
+    def __init__(self, module, decay):
+        self.decay = decay
+        self.average = {name: p.detach().clone() for name, p in module.named_parameters()}
+
+    def update(self, module):
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                self.average[name].lerp_(p.detach(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self, module):
+        """Inside the block the module holds the averaged weights; the raw ones come back after."""
+        raw = {name: p.detach().clone() for name, p in module.named_parameters()}
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.copy_(self.average[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in module.named_parameters():
+                    p.copy_(raw[name])
 
 
 @dataclass
@@ -176,10 +209,15 @@ def train(config, run_dir, resume=False, progress=True, log=print):
         "lrd": (config.train.lr_final / config.train.lr) ** (1.0 / config.train.steps),
     })
     state = TrainingState()
+    average = WeightAverage(process, config.train.ema) if config.train.ema > 0 else None
     if resume:
         where, payload = read_checkpoint(run_dir)
         _check_resumable(config, payload["config"], where)
-        process.load_state_dict({k: v for k, v in payload["model_state"].items() if not k.startswith("kernel.")})
+        weights = lambda key: {k: v for k, v in payload[key].items() if not k.startswith("kernel.")}  # noqa: E731
+        process.load_state_dict(weights("model_state"))
+        if average is not None:  # the checkpoint's model is the average; training resumes from the raw weights
+            average = WeightAverage(process, config.train.ema)
+            process.load_state_dict(weights("raw_model_state"))
         optim.set_state(payload["optim_state"])
         state = TrainingState(**payload["state"])
         torch.set_rng_state(payload["rng_state"])
@@ -192,12 +230,17 @@ def train(config, run_dir, resume=False, progress=True, log=print):
         loss.load_state_dict(payload["loss_state"])
     svi = SVI(process, partial(forward_chain, process.kernel), optim, loss=loss)
 
+    def averaged():
+        return average.applied(process) if average is not None else contextlib.nullcontext()
+
     def save():
-        save_atomically({
-            "format": FORMAT, "config": config.to_dict(), "n": dataset.n,
-            "model_state": process.state_dict(), "optim_state": optim.get_state(),
-            "state": vars(state), "rng_state": torch.get_rng_state(), "loss_state": loss.state_dict(),
-        }, run_dir / CHECKPOINT_NAME)
+        payload = {"format": FORMAT, "config": config.to_dict(), "n": dataset.n, "optim_state": optim.get_state(),
+                   "state": vars(state), "rng_state": torch.get_rng_state(), "loss_state": loss.state_dict()}
+        if average is not None:
+            payload["raw_model_state"] = _copy(process.state_dict())
+        with averaged():
+            payload["model_state"] = _copy(process.state_dict())
+        save_atomically(payload, run_dir / CHECKPOINT_NAME)
 
     started = time.perf_counter() - state.wall_time
     losses = []
@@ -211,11 +254,14 @@ def train(config, run_dir, resume=False, progress=True, log=print):
                     f"training diverged at step {state.step + 1} (loss {value}); the last good checkpoint "
                     f"is {run_dir / CHECKPOINT_NAME} (if one was written); lower train.lr or train.clip_norm",
                     exit_code=1)
+            if average is not None:
+                average.update(process)
             state.step += 1
             losses.append(value / LN2)
             bar.update(1)
             if state.step % config.train.eval_every == 0 or state.step == config.train.steps:
-                row = _evaluate_during_training(process, dataset, config, state, losses, optim)
+                with averaged():
+                    row = _evaluate_during_training(process, dataset, config, state, losses, optim)
                 row["elapsed_s"] = time.perf_counter() - started
                 state.history.append(row)
                 losses = []
@@ -230,11 +276,16 @@ def train(config, run_dir, resume=False, progress=True, log=print):
                     f"interrupted at step {state.step}; checkpoint saved to {run_dir / CHECKPOINT_NAME}; "
                     f"continue with: bdiff train CONFIG --resume {run_dir}", exit_code=130)
     state.wall_time = time.perf_counter() - started
-    metrics = finish_run(process, dataset, config, state, run_dir)
+    with averaged():
+        metrics = finish_run(process, dataset, config, state, run_dir)
     if config.evaluate.diagnose:
         from .diagnostics import diagnose
         diagnose(run_dir, seed=config.seed, progress=progress, log=log)
     return metrics
+
+
+def _copy(state_dict):
+    return {k: v.detach().clone() for k, v in state_dict.items()}
 
 
 def _current_lr(optim):

@@ -22,16 +22,22 @@ def fresh_pyro_state():
     yield
 
 
-def make_process(n=2, T=3, pi_1=0.5, schedule="cosine", parameterisation="x0", seed=0, hidden=(16, 16)):
+def make_process(n=2, T=3, pi_1=0.5, schedule="cosine", parameterisation="x0", seed=0, hidden=(16, 16),
+                 inputs="state"):
     """A randomly initialised float64 reverse process (weights scaled up so it is far from
     trivial)."""
     torch.manual_seed(seed)
     kernel = BernoulliKernel(make_beta_tilde(schedule, T), pi_1=pi_1)
-    net = ReverseNet(n, 2, hidden=hidden, activation="tanh", time_embedding=8)
+    return _random_process(kernel, n, parameterisation, hidden, inputs)
+
+
+def _random_process(kernel, n, parameterisation, hidden, inputs):
+    net = ReverseNet(n, kernel.num_states, hidden=hidden, activation="tanh", time_embedding=8,
+                     num_features=ReverseProcess.num_features(kernel, inputs))
     with torch.no_grad():
         for p in net.parameters():
             p.mul_(3.0)
-    return ReverseProcess(kernel, net, parameterisation).double()
+    return ReverseProcess(kernel, net, parameterisation, inputs).double()
 
 
 # Every kernel, one line each: (name, data states K, pi_1).  A new kernel is tested by adding
@@ -45,14 +51,11 @@ KERNEL_CASES = [
 ]
 
 
-def make_kernel_process(case, n=2, T=3, schedule="cosine", parameterisation="x0", seed=0, hidden=(16, 16)):
+def make_kernel_process(case, n=2, T=3, schedule="cosine", parameterisation="x0", seed=0, hidden=(16, 16),
+                        inputs="state"):
     """A random float64 reverse process for one of KERNEL_CASES."""
     from bdiff_pyro.kernels import make_kernel
     name, num_states, pi_1 = case
     torch.manual_seed(seed)
     kernel = make_kernel(name, make_beta_tilde(schedule, T), num_states, pi_1 if pi_1 is not None else 0.5)
-    net = ReverseNet(n, kernel.num_states, hidden=hidden, activation="tanh", time_embedding=8)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(3.0)
-    return ReverseProcess(kernel, net, parameterisation).double()
+    return _random_process(kernel, n, parameterisation, hidden, inputs)

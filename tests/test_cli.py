@@ -190,10 +190,12 @@ class _StopAfter:
         return self.checks >= 15
 
 
-def test_resumed_run_continues_exactly_where_it_stopped(tmp_path, monkeypatch):
-    """30 steps straight give the same weights as 15 steps, an interrupt, and a resume."""
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resumed_run_continues_exactly_where_it_stopped(tmp_path, monkeypatch, ema):
+    """30 steps straight give the same weights as 15 steps, an interrupt, and a resume
+    (with a weight average: the same average and the same raw weights)."""
     overrides = [o for o in TINY if "=" in o] + ["train.checkpoint_every=100", "train.eval_every=10",
-                                                 "train.steps=30"]
+                                                 "train.steps=30", f"train.ema={ema}"]
     config_path = ROOT / "experiments/configs/heartbeat.yaml"
     quiet = dict(progress=False, log=lambda *_: None)
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -204,9 +206,12 @@ def test_resumed_run_continues_exactly_where_it_stopped(tmp_path, monkeypatch):
         with pytest.raises(TrainingStopped, match="interrupted at step 15"):
             train(load_config(config_path, overrides), split, **quiet)
     train(load_config(config_path, overrides), split, resume=True, **quiet)
-    a = torch.load(straight / "checkpoint.pt", weights_only=False)["model_state"]
-    b = torch.load(split / "checkpoint.pt", weights_only=False)["model_state"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = torch.load(straight / "checkpoint.pt", weights_only=False)
+    b = torch.load(split / "checkpoint.pt", weights_only=False)
+    keys = ["model_state"] + (["raw_model_state"] if ema else [])
+    assert all(torch.equal(a[key][k], b[key][k]) for key in keys for k in a[key])
+    if ema:  # the average is not the raw weights
+        assert not torch.equal(a["model_state"]["net.out.weight"], a["raw_model_state"]["net.out.weight"])
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -21,8 +21,10 @@ def one_thread():
 @pytest.mark.parametrize("parameterisation", ["x0", "direct"])
 @pytest.mark.parametrize("n,T", [(1, 2), (2, 3), (2, 4), (3, 3)])
 @pytest.mark.parametrize("schedule", ["cosine", "paper"])
-def test_analytic_bound_equals_trace_enum_for_every_kernel(case, parameterisation, n, T, schedule):
-    process = make_kernel_process(case, n=n, T=T, schedule=schedule, parameterisation=parameterisation, seed=n + T)
+@pytest.mark.parametrize("inputs", ["state", "evidence"])
+def test_analytic_bound_equals_trace_enum_for_every_kernel(case, parameterisation, n, T, schedule, inputs):
+    process = make_kernel_process(case, n=n, T=T, schedule=schedule, parameterisation=parameterisation, seed=n + T,
+                                  inputs=inputs)
     x0 = all_states(n, case[1])
     with torch.no_grad():
         analytic = elbo_exact(process.kernel, process.log_probs, x0)
@@ -35,11 +37,12 @@ def test_analytic_bound_equals_trace_enum_for_every_kernel(case, parameterisatio
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[0]}{c[1]}")
 @pytest.mark.parametrize("parameterisation", ["x0", "direct"])
-def test_per_sequence_steps_match_one_step_at_a_time_with_finite_gradients(case, parameterisation):
+@pytest.mark.parametrize("inputs", ["state", "evidence"])
+def test_per_sequence_steps_match_one_step_at_a_time_with_finite_gradients(case, parameterisation, inputs):
     """The training path (one t per sequence, t = 1 rows for learned edges) equals step-by-step
     evaluation, and its gradient is finite even where a kernel has zeros (absorbing)."""
     from bdiff_pyro.bound import sample_x_t, step_term
-    process = make_kernel_process(case, n=2, T=4, parameterisation=parameterisation)
+    process = make_kernel_process(case, n=2, T=4, parameterisation=parameterisation, inputs=inputs)
     x0 = all_states(2, case[1]).repeat(4, 1)
     first = 2 if process.kernel.closed_form_edge else 1
     t = first + torch.arange(len(x0)) % (process.T + 1 - first)

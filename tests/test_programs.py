@@ -113,3 +113,21 @@ def test_per_sequence_times_match_one_time_at_a_time(parameterisation):
         together = process.log_probs(x, t)
         for row in range(5):
             assert torch.allclose(together[row], process.log_probs(x[row:row + 1], int(t[row]))[0], atol=1e-12), case
+
+
+def test_weight_average_is_the_exponential_average_and_hands_back_the_raw_weights():
+    from bdiff_pyro.train import WeightAverage
+    module = torch.nn.Linear(3, 2)
+    average = WeightAverage(module, decay=0.8)
+    history = [module.weight.detach().clone()]
+    for _ in range(5):
+        with torch.no_grad():
+            module.weight.add_(torch.randn_like(module.weight))
+        history.append(module.weight.detach().clone())
+        average.update(module)
+    # w_avg = 0.8^5 w_0 + sum_k 0.2 * 0.8^(5 - k) w_k, written out independently
+    expected = 0.8 ** 5 * history[0] + sum(0.2 * 0.8 ** (5 - k) * history[k] for k in range(1, 6))
+    raw = module.weight.detach().clone()
+    with average.applied(module):
+        assert torch.allclose(module.weight, expected, atol=1e-6)
+    assert torch.equal(module.weight, raw)

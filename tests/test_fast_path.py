@@ -1,0 +1,62 @@
+"""The binary fast path (one Bernoulli logit per position) against the generic K-state
+formulas, and the evidence inputs against Bayes' rule."""
+
+import pytest
+import torch
+
+from bdiff_pyro.bound import all_states
+from bdiff_pyro.kernels import normalise
+from bdiff_pyro.reverse import _by_time
+from conftest import KERNEL_CASES, make_kernel_process, make_process
+
+
+def generic_log_probs(process, x_t, t):
+    """log p(x^{t-1} | x^t) through the K-state path: the kernel's mixture for x0 models, the
+    normalised likelihood correction for direct ones."""
+    return _by_time(process._edge_log_probs, process._step_log_probs, x_t, t)
+
+
+@pytest.mark.parametrize("parameterisation", ["x0", "direct"])
+@pytest.mark.parametrize("inputs", ["state", "evidence"])
+@pytest.mark.parametrize("schedule,pi_1", [("cosine", 0.5), ("paper", 0.2)])
+def test_binary_logits_equal_the_generic_mixture(parameterisation, inputs, schedule, pi_1):
+    process = make_process(n=3, T=6, pi_1=pi_1, schedule=schedule, parameterisation=parameterisation, inputs=inputs)
+    x_t = all_states(3)
+    with torch.no_grad():
+        for t in range(1, process.T + 1):
+            fast, generic = process.log_probs(x_t, t), generic_log_probs(process, x_t, t)
+            assert torch.allclose(fast, generic, rtol=1e-12, atol=1e-12), t
+        # one time per sequence, t = 1 rows included
+        t = torch.arange(len(x_t)) % process.T + 1
+        assert torch.allclose(process.log_probs(x_t, t), generic_log_probs(process, x_t, t), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[0]}{c[1]}")
+def test_evidence_inputs_with_a_silent_network_give_each_positions_own_posterior(case):
+    """With the network's output layer at zero, P(x^0_i | x^t) is what x^t_i alone says under a
+    uniform prior over data states: normalise_v q(x^t_i | x^0_i = v), taken from Qbar_t directly."""
+    process = make_kernel_process(case, n=2, T=5, inputs="evidence")
+    with torch.no_grad():
+        process.net.out.weight.zero_()
+        process.net.out.bias.zero_()
+        kernel, data_states = process.kernel, process.kernel.num_data_states
+        x_t = all_states(2, kernel.num_states)
+        for t in range(1, kernel.T + 1):
+            Qbar = kernel.log_Qbar[t].exp()
+            expected = normalise(Qbar[:data_states, x_t.long()].permute(1, 2, 0).log())  # (S, n, K_data)
+            got = process.x0_log_probs(x_t, t)[..., :data_states]
+            unreachable = torch.isnan(expected).all(-1)  # no data state reaches x^t_i: no evidence
+            assert torch.allclose(got[unreachable].exp(), torch.tensor(1.0 / data_states, dtype=got.dtype))
+            expected[unreachable], got[unreachable] = 0.0, 0.0
+            finite = torch.isfinite(expected)
+            assert torch.equal(finite, torch.isfinite(got))
+            assert torch.allclose(got[finite], expected[finite], rtol=1e-12, atol=1e-12), t
+
+
+def test_evidence_inputs_read_the_kernel_not_the_raw_state():
+    """Same x^t, different t: evidence features change with t (the one-hot code does not)."""
+    process = make_process(n=2, T=10, inputs="evidence")
+    x_t = torch.tensor([[0.0, 1.0]])
+    features = [torch.sigmoid(process._evidence_logit(x_t, t)) for t in (1, 5, 10)]
+    assert features[0][0, 1] > features[1][0, 1] > features[2][0, 1] >= 0.5
+    assert features[0][0, 0] < features[1][0, 0] < features[2][0, 0] <= 0.5
