@@ -181,12 +181,17 @@ def elbo_replicates(kernel, reverse_log_probs, x0, replicates=4, max_rows=65536)
         return (closed_form_terms(kernel, x0) - stochastic).T
 
 
-def mean_and_standard_error(replicates):
+def mean_and_standard_error(replicates, weights=None):
     """Mean over sequences of the per-sequence replicate means, and its Monte Carlo standard
-    error sqrt(sum_j s_j^2 / R) / N, from (N, R) replicate estimates (R >= 2)."""
+    error, from (N, R) replicate estimates (R >= 2).  With ``weights`` w_j (N,) summing to 1
+    (e.g. the counts of distinct sequences in a data set), the mean is sum_j w_j m_j and the
+    error sqrt(sum_j w_j^2 s_j^2 / R); without, w_j = 1/N."""
     num, reps = replicates.shape
     if reps < 2:
         raise ValueError("a standard error needs at least two replicates")
-    mean = replicates.mean(1).mean()
-    se = replicates.var(1, unbiased=True).sum().div(reps).sqrt() / num
+    if weights is None:
+        weights = torch.full((num,), 1.0 / num, dtype=replicates.dtype, device=replicates.device)
+    weights = weights.to(replicates)
+    mean = (weights * replicates.mean(1)).sum()
+    se = (weights.square() * replicates.var(1, unbiased=True)).sum().div(reps).sqrt()
     return float(mean), float(se)

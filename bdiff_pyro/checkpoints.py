@@ -31,7 +31,8 @@ def build_process(model_config, n, levels=2):
     kernel = build_kernel(model_config, levels)
     net = ReverseNet(n, kernel.num_states, hidden=tuple(model_config.hidden),
                      activation=model_config.activation, time_embedding=model_config.time_embedding,
-                     num_features=ReverseProcess.num_features(kernel, model_config.inputs))
+                     num_features=ReverseProcess.num_features(kernel, model_config.inputs),
+                     film=model_config.film)
     return ReverseProcess(kernel, net, model_config.parameterisation, model_config.inputs).float()
 
 

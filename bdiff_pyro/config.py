@@ -56,6 +56,7 @@ class ModelConfig:
     hidden: typing.List[int] = field(default_factory=lambda: [128, 128])
     activation: str = "silu"  # sigmoid | tanh | relu | silu
     time_embedding: int = 32
+    film: bool = False  # time also scales and shifts every hidden layer (see reverse.ReverseNet)
 
     def validate(self, where):
         _choice(where, "model.kernel", self.kernel, ("bernoulli", "uniform", "absorbing", "gaussian"))

@@ -99,11 +99,15 @@ class ReverseNet(nn.Module):
     Input: ``num_features`` numbers per position (by default K - 1: the one-hot code of the
     state without its state-0 column, for bits x^t itself) and a sinusoidal embedding of t.
     The first layer is split into a state part and a time part so that, when every sequence
-    shares t (sampling), the time part is computed once per step.  One network for all
-    steps: its size does not grow with T.
+    shares t (sampling), the time part is computed once per step.  With ``film``, the time
+    also scales and shifts every layer's pre-activation (FiLM, Perez et al. 2018):
+    a_l = (1 + gamma_l(t)) * (W_l h + b_l) + beta_l(t), which lets one network weigh its
+    inputs differently at each noise level; gamma and beta start at zero.  One network for
+    all steps: its size does not grow with T.
     """
 
-    def __init__(self, n, num_states, hidden=(128, 128), activation="silu", time_embedding=32, num_features=None):
+    def __init__(self, n, num_states, hidden=(128, 128), activation="silu", time_embedding=32, num_features=None,
+                 film=False):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise UserError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
@@ -114,15 +118,27 @@ class ReverseNet(nn.Module):
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(hidden[:-1], hidden[1:]))
         self.out = nn.Linear(hidden[-1], n * (num_states - 1))
         self.act = ACTIVATIONS[activation]()
+        self.film = nn.ModuleList(nn.Linear(time_embedding, 2 * size) for size in hidden) if film else None
+        if film:
+            for layer in self.film:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, features, t):
         """(..., n, num_features) features and an int or per-sequence t -> (..., n, K - 1)
         logits of states 1..K-1 against state 0."""
         dtype = self.state_in.weight.dtype
         time = sinusoidal_embedding(t, self.time_embedding).to(dtype)
-        h = self.act(self.state_in(features.to(dtype).flatten(-2)) + self.time_in(time))
-        for layer in self.hidden:
-            h = self.act(layer(h))
+        pre = self.state_in(features.to(dtype).flatten(-2))
+        for l, layer in enumerate([None, *self.hidden]):
+            if layer is not None:
+                pre = layer(h)
+            if self.film is not None:
+                scale, shift = self.film[l](time).chunk(2, dim=-1)
+                pre = torch.addcmul(pre + shift, pre, scale)
+            if l == 0:
+                pre = pre + self.time_in(time)
+            h = self.act(pre)
         return self.out(h).unflatten(-1, (self.n, self.num_states - 1))
 
 

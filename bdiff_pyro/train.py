@@ -309,8 +309,8 @@ def _evaluate_during_training(process, dataset, config, state, losses, optim):
 def finish_run(process, dataset, config, state, run_dir):
     """Final metrics, history and plots of a run."""
     process.eval()
-    train_bound = bound_report(process, dataset.train, config.evaluate.replicates, seed=config.seed)
-    val_bound = bound_report(process, dataset.val, config.evaluate.replicates, seed=config.seed + 1)
+    train_bound = bound_report(process, dataset.train, config.evaluate.replicates, seed=config.seed, distinct=True)
+    val_bound = bound_report(process, dataset.val, config.evaluate.replicates, seed=config.seed + 1, distinct=True)
     started = time.perf_counter()
     samples = process.sample(config.evaluate.num_samples, seed=config.seed)
     sampling_seconds = time.perf_counter() - started

@@ -23,17 +23,21 @@ def fresh_pyro_state():
 
 
 def make_process(n=2, T=3, pi_1=0.5, schedule="cosine", parameterisation="x0", seed=0, hidden=(16, 16),
-                 inputs="state"):
+                 inputs="state", film=False):
     """A randomly initialised float64 reverse process (weights scaled up so it is far from
     trivial)."""
     torch.manual_seed(seed)
     kernel = BernoulliKernel(make_beta_tilde(schedule, T), pi_1=pi_1)
-    return _random_process(kernel, n, parameterisation, hidden, inputs)
+    return _random_process(kernel, n, parameterisation, hidden, inputs, film)
 
 
-def _random_process(kernel, n, parameterisation, hidden, inputs):
+def _random_process(kernel, n, parameterisation, hidden, inputs, film=False):
     net = ReverseNet(n, kernel.num_states, hidden=hidden, activation="tanh", time_embedding=8,
-                     num_features=ReverseProcess.num_features(kernel, inputs))
+                     num_features=ReverseProcess.num_features(kernel, inputs), film=film)
+    if film:  # FiLM layers start at zero; make them count
+        with torch.no_grad():
+            for layer in net.film:
+                layer.weight.normal_(0, 0.3)
     with torch.no_grad():
         for p in net.parameters():
             p.mul_(3.0)

@@ -18,9 +18,10 @@ def generic_log_probs(process, x_t, t):
 
 @pytest.mark.parametrize("parameterisation", ["x0", "direct"])
 @pytest.mark.parametrize("inputs", ["state", "evidence"])
-@pytest.mark.parametrize("schedule,pi_1", [("cosine", 0.5), ("paper", 0.2)])
-def test_binary_logits_equal_the_generic_mixture(parameterisation, inputs, schedule, pi_1):
-    process = make_process(n=3, T=6, pi_1=pi_1, schedule=schedule, parameterisation=parameterisation, inputs=inputs)
+@pytest.mark.parametrize("schedule,pi_1,film", [("cosine", 0.5, False), ("paper", 0.2, True)])
+def test_binary_logits_equal_the_generic_mixture(parameterisation, inputs, schedule, pi_1, film):
+    process = make_process(n=3, T=6, pi_1=pi_1, schedule=schedule, parameterisation=parameterisation, inputs=inputs,
+                           film=film)
     x_t = all_states(3)
     with torch.no_grad():
         for t in range(1, process.T + 1):

@@ -64,9 +64,10 @@ def test_network_size_does_not_grow_with_T():
     assert sizes[0] == sizes[1]
 
 
-def test_svi_with_the_analytic_loss_trains_every_layer():
+@pytest.mark.parametrize("film", [False, True])
+def test_svi_with_the_analytic_loss_trains_every_layer(film):
     """The PyroModule pitfall: layers that never pass through pyro.param stay untrained."""
-    process = make_process(n=5, T=6, hidden=(8, 8, 8)).float()
+    process = make_process(n=5, T=6, hidden=(8, 8, 8), film=film).float()
     before = {name: p.detach().clone() for name, p in process.named_parameters()}
     svi = SVI(process, partial(forward_chain, process.kernel), pyro.optim.Adam({"lr": 1e-2}), loss=AnalyticLoss(process.T))
     x0 = (torch.rand(32, 5) < 0.3).float()
@@ -131,3 +132,15 @@ def test_weight_average_is_the_exponential_average_and_hands_back_the_raw_weight
     with average.applied(module):
         assert torch.allclose(module.weight, expected, atol=1e-6)
     assert torch.equal(module.weight, raw)
+
+
+def test_film_starts_as_the_plain_network_and_then_depends_on_time():
+    torch.manual_seed(0)
+    plain = ReverseNet(4, 2, hidden=(8, 8), time_embedding=8)
+    film = ReverseNet(4, 2, hidden=(8, 8), time_embedding=8, film=True)
+    film.load_state_dict(plain.state_dict(), strict=False)  # the FiLM layers stay at zero
+    features, t = torch.rand(3, 4, 1), torch.tensor([1, 5, 9])
+    assert torch.allclose(film(features, t), plain(features, t))
+    with torch.no_grad():
+        film.film[1].weight.normal_()
+    assert not torch.allclose(film(features, t), plain(features, t))
