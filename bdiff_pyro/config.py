@@ -52,7 +52,7 @@ class ModelConfig:
     schedule_power: float = 2.0  # power schedule: beta~_t = (t/T)^power
     pi_1: typing.Union[float, str] = 0.5  # stationary P(bit = 1), or "data" for the training mean
     parameterisation: str = "x0"  # direct | x0
-    inputs: str = "state"  # state (one-hot x^t) | evidence (P(x^0_i | x^t_i), see reverse.py)
+    inputs: str = "state"  # state (one-hot x^t) | evidence (P(x^0_i | x^t_i)) | log_evidence (see reverse.py)
     hidden: typing.List[int] = field(default_factory=lambda: [128, 128])
     activation: str = "silu"  # sigmoid | tanh | relu | silu
     time_embedding: int = 32
@@ -70,7 +70,7 @@ class ModelConfig:
         elif not 0.0 < self.pi_1 < 1.0:
             raise UserError(f"{where}: model.pi_1 must lie strictly between 0 and 1 (got {self.pi_1})")
         _choice(where, "model.parameterisation", self.parameterisation, ("direct", "x0"))
-        _choice(where, "model.inputs", self.inputs, ("state", "evidence"))
+        _choice(where, "model.inputs", self.inputs, ("state", "evidence", "log_evidence"))
         _choice(where, "model.activation", self.activation, ("sigmoid", "tanh", "relu", "silu"))
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise UserError(f"{where}: model.hidden must be a non-empty list of positive sizes (got {self.hidden})")

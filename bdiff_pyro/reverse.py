@@ -11,14 +11,20 @@ network's prediction of x^0 otherwise.  The network is parameterised either
 - ``x0``: it outputs the logits of P(x^0 | x^t) and p(x^{t-1} | x^t) is the posterior
   q(x^{t-1} | x^t, x^0) averaged over that prediction (DESIGN.md section 3, as in D3PM).
 
-The network reads x^t in one of two codes (``inputs``):
+The network reads x^t in one of three codes (``inputs``):
 
 - ``state``: the one-hot code of x^t, and the time t;
 - ``evidence``: what each position alone says about its clean value,
-  P(x^0_i = v | x^t_i) under a uniform prior, and the time t.  Through x^0, the network's
-  logits are then added to the evidence log q(x^t_i | x^0_i = v): by Bayes' rule
-  log P(x^0_i | x^t) = log q(x^t_i | x^0_i) + log P(x^0_i | x^t_{-i}) + const, so the network
-  only has to supply what the *other* positions say.  Both are closed forms of the kernel.
+  P(x^0_i = v | x^t_i) under a uniform prior, and the time t;
+- ``log_evidence``: the same as log-likelihood ratios log q(x^t_i | v) - log q(x^t_i | 0)
+  (kernels where q(x^t | x^0) > 0).  For data with finite support {d_k}, the log-posterior of
+  d_k given x^t is sum_i of these ratios at d_{k,i}: linear in the inputs, with weights that
+  do not depend on t.
+
+With either evidence code, the network's logits for x^0 are added to the evidence
+log q(x^t_i | x^0_i = v): by Bayes' rule
+log P(x^0_i | x^t) = log q(x^t_i | x^0_i) + log P(x^0_i | x^t_{-i}) + const, so the network
+only has to supply what the *other* positions say.  Both are closed forms of the kernel.
 """
 
 import contextlib
@@ -37,7 +43,7 @@ from .kernels import normalise, posterior_table
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU}
 PARAMETERISATIONS = ("direct", "x0")
-INPUTS = ("state", "evidence")
+INPUTS = ("state", "evidence", "log_evidence")
 
 
 def sinusoidal_embedding(t, dim):
@@ -155,6 +161,11 @@ class ReverseProcess(PyroModule):
             raise UserError(f"unknown parameterisation {parameterisation!r}; choose one of {PARAMETERISATIONS}")
         if inputs not in INPUTS:
             raise UserError(f"unknown network inputs {inputs!r}; choose one of {INPUTS}")
+        if inputs == "log_evidence":
+            data = kernel.num_data_states
+            if bool(torch.isneginf(kernel.log_Qbar[1:, :data, :data]).any()):
+                raise UserError("model.inputs log_evidence needs q(x^t | x^0) > 0 for every pair of data states, "
+                                "which this kernel does not have; use evidence")
         expected = self.num_features(kernel, inputs)
         if net.num_features != expected:
             raise ValueError(f"{inputs!r} inputs give {expected} features per position; the network takes {net.num_features}")
@@ -190,9 +201,12 @@ class ReverseProcess(PyroModule):
         if self.inputs == "state":
             features = x_t.unsqueeze(-1) if self.binary else F.one_hot(x_t.long(), self.kernel.num_states)[..., 1:]
         elif self.binary:
-            features = torch.sigmoid(self._evidence_logit(x_t, t)).unsqueeze(-1)  # P(x^0_i = 1 | x^t_i)
+            features = self._evidence_logit(x_t, t).unsqueeze(-1)
+            if self.inputs == "evidence":
+                features = torch.sigmoid(features)  # P(x^0_i = 1 | x^t_i)
         else:
-            features = self._data_evidence(x_t, t).softmax(-1)[..., 1:]
+            evidence = self._data_evidence(x_t, t)
+            features = (evidence.softmax(-1) if self.inputs == "evidence" else evidence - evidence[..., :1])[..., 1:]
         return self.net(features, t)
 
     def _data_evidence(self, x_t, t):
@@ -256,7 +270,7 @@ class ReverseProcess(PyroModule):
     def x0_logits(self, x_t, t):
         """Bits: the logit of the predicted P(x^0 = 1 | x^t), shape (..., n)."""
         logits = self._net(x_t, t)[..., 0]
-        if self.inputs == "evidence":
+        if self.inputs != "state":
             logits = logits + self._evidence_logit(x_t, t)  # Bayes' rule: the position's own evidence
         return logits
 
@@ -268,7 +282,7 @@ class ReverseProcess(PyroModule):
             return torch.stack([F.logsigmoid(-logits), F.logsigmoid(logits)], dim=-1)
         data_states = self.kernel.num_data_states
         out = F.pad(self._net(x_t, t), (1, 0))[..., :data_states]
-        if self.inputs == "evidence":
+        if self.inputs != "state":
             out = out + self._data_evidence(x_t, t)  # Bayes' rule: the position's own evidence
         data_log_probs = torch.log_softmax(out, dim=-1)
         return F.pad(data_log_probs, (0, self.kernel.num_states - data_states), value=-math.inf)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bdiff_pyro.bound import all_states
+from bdiff_pyro.errors import UserError
 from bdiff_pyro.kernels import normalise
 from bdiff_pyro.reverse import _by_time
 from conftest import KERNEL_CASES, make_kernel_process, make_process
@@ -17,7 +18,7 @@ def generic_log_probs(process, x_t, t):
 
 
 @pytest.mark.parametrize("parameterisation", ["x0", "direct"])
-@pytest.mark.parametrize("inputs", ["state", "evidence"])
+@pytest.mark.parametrize("inputs", ["state", "evidence", "log_evidence"])
 @pytest.mark.parametrize("schedule,pi_1,film", [("cosine", 0.5, False), ("paper", 0.2, True)])
 def test_binary_logits_equal_the_generic_mixture(parameterisation, inputs, schedule, pi_1, film):
     process = make_process(n=3, T=6, pi_1=pi_1, schedule=schedule, parameterisation=parameterisation, inputs=inputs,
@@ -33,10 +34,15 @@ def test_binary_logits_equal_the_generic_mixture(parameterisation, inputs, sched
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[0]}{c[1]}")
-def test_evidence_inputs_with_a_silent_network_give_each_positions_own_posterior(case):
+@pytest.mark.parametrize("inputs", ["evidence", "log_evidence"])
+def test_evidence_inputs_with_a_silent_network_give_each_positions_own_posterior(case, inputs):
     """With the network's output layer at zero, P(x^0_i | x^t) is what x^t_i alone says under a
     uniform prior over data states: normalise_v q(x^t_i | x^0_i = v), taken from Qbar_t directly."""
-    process = make_kernel_process(case, n=2, T=5, inputs="evidence")
+    if inputs == "log_evidence" and case[0] == "absorbing":
+        with pytest.raises(UserError, match="log_evidence"):
+            make_kernel_process(case, n=2, T=5, inputs=inputs)
+        return
+    process = make_kernel_process(case, n=2, T=5, inputs=inputs)
     with torch.no_grad():
         process.net.out.weight.zero_()
         process.net.out.bias.zero_()
@@ -61,3 +67,14 @@ def test_evidence_inputs_read_the_kernel_not_the_raw_state():
     features = [torch.sigmoid(process._evidence_logit(x_t, t)) for t in (1, 5, 10)]
     assert features[0][0, 1] > features[1][0, 1] > features[2][0, 1] >= 0.5
     assert features[0][0, 0] < features[1][0, 0] < features[2][0, 0] <= 0.5
+
+
+def test_log_evidence_inputs_are_the_log_likelihood_ratios():
+    process = make_process(n=2, T=10, pi_1=0.2, inputs="log_evidence")
+    x_t = torch.tensor([[0.0, 1.0]])
+    seen = {}
+    process.net.forward = lambda features, t: seen.setdefault("features", features) * 0
+    process.x0_log_probs(x_t, 4)
+    Qbar = process.kernel.log_Qbar[4]
+    expected = torch.stack([Qbar[1, 0] - Qbar[0, 0], Qbar[1, 1] - Qbar[0, 1]]).view(1, 2, 1)
+    assert torch.allclose(seen["features"], expected)
