@@ -122,9 +122,11 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     seed: int = 0
     device: str = "cpu"  # cpu | cuda
+    threads: int = 0  # CPU threads for torch (0: torch's default); 1 is fastest on a busy machine
 
     def validate(self, where):
         _choice(where, "device", self.device, ("cpu", "cuda"))
+        _at_least(where, "threads", self.threads, 0)
         for section in (self.data, self.model, self.train, self.evaluate):
             section.validate(where)
         if self.model.kernel == "bernoulli" and self.data.levels != 2:

@@ -200,6 +200,8 @@ def train(config, run_dir, resume=False, progress=True, log=print):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device: cuda requested but no CUDA device is available")
 
+    if config.threads:
+        torch.set_num_threads(config.threads)
     pyro.clear_param_store()  # PyroModule parameters are registered in the global store
     pyro.set_rng_seed(config.seed)  # before the network is initialised
     process = build_process(config.model, dataset.n, config.data.levels).to(device)

@@ -67,6 +67,10 @@ def write(tmp_path, text):
     ("model:\n  T: ten\n", "model.T must be int"),
     ("model:\n  T: [1\n", "c.yaml:3: invalid YAML"),
     ("data:\n  kind: text\n", "data.train is required"),
+    ("threads: -1\n", "threads must be >= 0"),
+    ("train:\n  ema: 1.0\n", "train.ema must be in"),
+    ("model:\n  inputs: onehot\n", "model.inputs must be one of"),
+    ("model:\n  film: maybe\n", "model.film must be bool"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):
     with pytest.raises(UserError, match=message):
