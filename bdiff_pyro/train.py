@@ -90,7 +90,9 @@ class AnalyticLoss:
 
 class WeightAverage:
     """An exponential moving average of the weights (Polyak averaging), the usual way to take
-    SGD noise out of a diffusion model's final weights:  w_avg <- d w_avg + (1 - d) w.
+    SGD noise out of a diffusion model's final weights:  w_avg <- d_k w_avg + (1 - d_k) w at
+    update k = 0, 1, ..., with d_k = min(decay, (1 + k) / (10 + k)) so that a short run is not
+    dominated by its initial weights (the warm-up of TensorFlow's ExponentialMovingAverage).
 
     The run's checkpoint, evaluations and samples use the average; training continues from
     the raw weights, which the checkpoint also keeps for resuming.
@@ -100,10 +102,13 @@ class WeightAverage:
         self.decay = decay
         self.average = {name: p.detach().clone() for name, p in module.named_parameters()}
 
-    def update(self, module):
+    def update(self, module, k):
+        """Update k (0-based; the training step before this one, so a resumed run continues
+        the same sequence of decays)."""
+        decay = min(self.decay, (1 + k) / (10 + k))
         with torch.no_grad():
             for name, p in module.named_parameters():
-                self.average[name].lerp_(p.detach(), 1.0 - self.decay)
+                self.average[name].lerp_(p.detach(), 1.0 - decay)
 
     @contextlib.contextmanager
     def applied(self, module):
@@ -257,7 +262,7 @@ def train(config, run_dir, resume=False, progress=True, log=print):
                     f"is {run_dir / CHECKPOINT_NAME} (if one was written); lower train.lr or train.clip_norm",
                     exit_code=1)
             if average is not None:
-                average.update(process)
+                average.update(process, state.step)
             state.step += 1
             losses.append(value / LN2)
             bar.update(1)
