@@ -33,8 +33,9 @@ def test_forward_program_has_the_closed_form_marginals(pi_1):
 
 
 @pytest.mark.parametrize("parameterisation", ["x0", "direct"])
-def test_pyro_program_and_fast_sampler_draw_identical_samples(parameterisation):
-    process = make_process(n=5, T=7, parameterisation=parameterisation)
+@pytest.mark.parametrize("inputs", ["state", "evidence", "log_evidence"])
+def test_pyro_program_and_fast_sampler_draw_identical_samples(parameterisation, inputs):
+    process = make_process(n=5, T=7, parameterisation=parameterisation, inputs=inputs)
     pyro.set_rng_seed(11)
     trace = poutine.trace(process).get_trace(num_sequences=64)
     fast = process.sample(64, seed=11)
