@@ -1,7 +1,7 @@
 """Core benchmark: train the heartbeat configs (default, paper, reference, and the paper and
 reference settings with the default network) from scratch and measure each.
 
-    python benchmarks/heartbeat.py [--configs a.yaml b.yaml ...] [--out DIR]
+    python benchmarks/heartbeat.py [--configs a.yaml b.yaml ...] [--out DIR] [--trained]
 
 For each config: wall time of training, the bound K on the five heartbeat patterns (bits/seq
 with its standard error), the fraction of 10,000 samples that are exact heartbeats, the
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import default_out, start  # noqa: E402
+from machine import command_line, default_out, machine_description, start  # noqa: E402
 
 from bdiff_pyro.config import load_config  # noqa: E402
 from bdiff_pyro.data import load_dataset  # noqa: E402
@@ -58,14 +58,19 @@ def shift_check(run_dir, support, seeds=(1, 2), num=10000):
     return rows
 
 
-def run(config_path, out_dir):
+def run(config_path, out_dir, trained=False):
+    """Train the config into out_dir/<config name> (or, with ``trained``, measure the run
+    already there) and measure it."""
     config = load_config(config_path)
     run_dir = out_dir / Path(config_path).stem
-    run_dir.mkdir(parents=True)
-    metrics = train(config, run_dir, progress=True, log=print)
+    if trained:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    else:
+        run_dir.mkdir(parents=True)
+        metrics = train(config, run_dir, progress=True, log=print)
     samples = metrics["samples"]
     return {
-        "config": str(Path(config_path).relative_to(ROOT)), "T": config.model.T, "schedule": config.model.schedule,
+        "config": str(Path(config_path).resolve().relative_to(ROOT)), "T": config.model.T, "schedule": config.model.schedule,
         "pi_1": config.model.pi_1, "parameterisation": config.model.parameterisation,
         "train_seconds": metrics["wall_time_s"], "steps": metrics["steps"],
         "K_bits": metrics["held_out"]["elbo_bits"], "K_se_bits": metrics["held_out"]["se_bits"],
@@ -95,9 +100,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=[str(ROOT / "experiments/configs" / c) for c in DEFAULT_CONFIGS])
     parser.add_argument("--out", type=Path, default=default_out("heartbeat"))
+    parser.add_argument("--trained", action="store_true",
+                        help="measure the runs already trained in --out (after an interrupted benchmark)")
     args = parser.parse_args(argv)
-    machine, command = start(parser, args)
-    results = [run(c, args.out) for c in args.configs]
+    if args.trained:
+        if (args.out / "results.json").exists():
+            parser.error(f"{args.out / 'results.json'} exists; refusing to overwrite earlier results")
+        machine, command = machine_description(), command_line()
+        print(f"machine: {machine}\ncommand: {command}", flush=True)
+    else:
+        machine, command = start(parser, args)
+    results = [run(c, args.out, args.trained) for c in args.configs]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"machine": machine, "command": command, "results": results}, indent=2))
     table = markdown(results, machine, command)

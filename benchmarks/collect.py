@@ -1,0 +1,62 @@
+"""Collect the newest result of every benchmark under benchmarks/out/ into one file pair:
+benchmarks/results.json and benchmarks/results.md (the tables the README quotes).
+
+    python benchmarks/collect.py        (the last step of `make bench`)
+
+Each piece keeps its own machine and command lines; a piece that has not been run is listed
+as missing rather than guessed.
+"""
+
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "out"
+PIECES = [  # (name, directory pattern under benchmarks/out, what it is)
+    ("heartbeat", "heartbeat-*", "Issue Core: default, paper and reference configs (and the _wide variants)"),
+    ("heartbeat_t1000", "heartbeat_t1000", "Issue Beat the paper: cosine, T = 1000"),
+    ("sampling", "sampling-*", "Issue Beat the paper: full and strided sampling of the T = 1000 run"),
+    ("heartbeat64", "heartbeat64*", "Issue Beat the paper: n = 64, period 32"),
+    ("digits", "digits-*", "Issue Beat the paper: 8x8 digits against exact baselines"),
+]
+
+
+def newest(pattern):
+    candidates = sorted((p for p in OUT.glob(pattern) if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+def heartbeat64_markdown(run_dir):
+    """A plain training run (bdiff train) has metrics.json rather than results.md."""
+    m = json.loads((run_dir / "metrics.json").read_text())
+    fractions = m["samples"]["pattern_fractions"]
+    return (f"`bdiff train experiments/configs/heartbeat64.yaml --out {run_dir.relative_to(OUT.parent.parent)}`: "
+            f"K = {m['held_out']['elbo_bits']:.4f} ± {m['held_out']['se_bits']:.4f} bits/seq, "
+            f"{m['samples']['train']:.2%} of {m['samples']['num']} samples exact heartbeats "
+            f"(shift fractions {min(fractions):.3f}-{max(fractions):.3f}), {m['wall_time_s']:.0f} s of training, "
+            f"{m['steps']} steps.\n"), m
+
+
+def main():
+    merged, sections = {}, ["# Benchmark results", "", "Collected by `python benchmarks/collect.py` from "
+                            "`benchmarks/out/`; single runs unless a table says median.", ""]
+    for name, pattern, title in PIECES:
+        run_dir = newest(pattern)
+        sections += [f"## {title}", ""]
+        if run_dir is None:
+            sections += ["(not run)", ""]
+            merged[name] = None
+            continue
+        if (run_dir / "results.md").exists():
+            sections += [(run_dir / "results.md").read_text(), ""]
+            merged[name] = json.loads((run_dir / "results.json").read_text())
+        else:
+            text, merged[name] = heartbeat64_markdown(run_dir)
+            sections += [text, ""]
+    here = Path(__file__).resolve().parent
+    (here / "results.json").write_text(json.dumps(merged, indent=2))
+    (here / "results.md").write_text("\n".join(sections))
+    print("\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()
