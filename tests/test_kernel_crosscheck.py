@@ -23,6 +23,8 @@ def one_thread():
 @pytest.mark.parametrize("schedule", ["cosine", "paper"])
 @pytest.mark.parametrize("inputs", ["state", "evidence", "log_evidence"])
 def test_analytic_bound_equals_trace_enum_for_every_kernel(case, parameterisation, n, T, schedule, inputs):
+    if inputs != "state" and (n, T) not in ((2, 3), (3, 3)):
+        pytest.skip("the evidence codes change only the network's inputs: two sizes suffice")
     if inputs == "log_evidence" and case[0] == "absorbing":
         pytest.skip("log_evidence needs q(x^t | x^0) > 0 (tested in test_fast_path)")
     process = make_kernel_process(case, n=n, T=T, schedule=schedule, parameterisation=parameterisation, seed=n + T,
