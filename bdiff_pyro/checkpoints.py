@@ -33,7 +33,8 @@ def build_process(model_config, n, levels=2):
                      activation=model_config.activation, time_embedding=model_config.time_embedding,
                      num_features=ReverseProcess.num_features(kernel, model_config.inputs),
                      film=model_config.film)
-    return ReverseProcess(kernel, net, model_config.parameterisation, model_config.inputs).float()
+    return ReverseProcess(kernel, net, model_config.parameterisation, model_config.inputs,
+                          model_config.add_own_evidence).float()
 
 
 def save_atomically(payload, path):

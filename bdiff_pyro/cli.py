@@ -108,13 +108,21 @@ def cmd_oracle(args):
     from .config import load_config
     from .oracle import oracle_main
 
+    if args.samples < 0:
+        raise UserError(f"--samples must be at least 0 (got {args.samples})")
     config = load_config(args.config, args.set)
     report = oracle_main(config, replicates=args.replicates, seed=args.seed,
-                         exact=False if args.monte_carlo else "auto")
+                         exact=False if args.monte_carlo else "auto", samples=args.samples)
     se = f" ± {report['se_bits']:.4f}" if report.get("se_bits") else " (exact)"
     print(f"oracle K* = {report['elbo_bits']:.4f}{se} bits/seq for T = {report['T']}, schedule {report['schedule']}, "
           f"pi_1 = {report['pi_1']:g}; data log-likelihood {report['data_log_likelihood_bits']:.4f} bits/seq, "
           f"gap {report['gap_bits']:.4f} bits ({report['support']} support)")
+    if "samples" in report:
+        drawn = report["samples"]
+        shown = " ".join(f"{f:.3f}" for f in drawn["pattern_fractions"][:10])
+        more = " ..." if len(drawn["pattern_fractions"]) > 10 else ""
+        print(f"of {drawn['num']} oracle samples (seed {drawn['seed']}): {drawn['in_support']:.2%} in the support; "
+              f"pattern fractions {shown}{more}")
     if args.json:
         print(json.dumps(report, default=str))
 
@@ -167,6 +175,8 @@ def build_parser():
     p.add_argument("--replicates", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--monte-carlo", action="store_true", help="estimate by Monte Carlo even where exact is possible")
+    p.add_argument("--samples", type=int, default=0, metavar="N",
+                   help="also draw N samples from the oracle: the best fraction of exact samples at this T")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_oracle)
 

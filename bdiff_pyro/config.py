@@ -53,6 +53,7 @@ class ModelConfig:
     pi_1: typing.Union[float, str] = 0.5  # stationary P(bit = 1), or "data" for the training mean
     parameterisation: str = "x0"  # direct | x0
     inputs: str = "state"  # state (one-hot x^t) | evidence (P(x^0_i | x^t_i)) | log_evidence (see reverse.py)
+    add_own_evidence: bool = True  # evidence inputs, through x^0: add log q(x^t_i | x^0_i) to the logits
     hidden: typing.List[int] = field(default_factory=lambda: [128, 128])
     activation: str = "silu"  # sigmoid | tanh | relu | silu
     time_embedding: int = 32

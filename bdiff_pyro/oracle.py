@@ -337,13 +337,23 @@ def oracle_report(kernel, patterns, weights=None, replicates=16, seed=0, exact="
     }
 
 
-def oracle_main(config, replicates=None, seed=None, exact="auto"):
+def oracle_samples_report(oracle, num, seed):
+    """Where ``num`` of the oracle's samples fall: the fraction equal to a support pattern (what
+    the best-bound reverse process of this kernel and T gives: the reference for a trained
+    model's fraction) and the fraction equal to each pattern."""
+    from .evaluation import pattern_histogram
+
+    fractions = pattern_histogram(oracle.sample(num, seed=seed), oracle.patterns)
+    return {"num": num, "seed": seed, "in_support": sum(fractions), "pattern_fractions": fractions}
+
+
+def oracle_main(config, replicates=None, seed=None, exact="auto", samples=0):
     """The oracle report for a validated ``config.Config`` (what ``bdiff oracle CONFIG`` prints).
 
     The support is the data set's known support (heartbeat: its shifts, equally likely); for
     data files it is the empirical distribution of the training sequences (distinct rows weighted
     by their counts), i.e. the oracle of the training set.  pi_1 = "data" is resolved as in
-    training.
+    training.  With ``samples`` > 0, also :func:`oracle_samples_report` of that many samples.
     """
     from .checkpoints import build_kernel
     from .data import load_dataset
@@ -362,5 +372,8 @@ def oracle_main(config, replicates=None, seed=None, exact="auto"):
                            schedule=config.model.schedule,
                            power=config.model.schedule_power if config.model.schedule == "power" else None)
     report["support"] = "known" if dataset.support is not None else "empirical (training set)"
+    if samples > 0:
+        seed = config.seed if seed is None else seed
+        report["samples"] = oracle_samples_report(OracleReverse(kernel, patterns, weights), samples, seed)
     return report
 

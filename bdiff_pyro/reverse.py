@@ -21,10 +21,15 @@ The network reads x^t in one of three codes (``inputs``):
   d_k given x^t is sum_i of these ratios at d_{k,i}: linear in the inputs, with weights that
   do not depend on t.
 
-With either evidence code, the network's logits for x^0 are added to the evidence
-log q(x^t_i | x^0_i = v): by Bayes' rule
+With either evidence code and ``add_own_evidence`` (the default), the network's logits for
+x^0 are added to the evidence log q(x^t_i | x^0_i = v): by Bayes' rule
 log P(x^0_i | x^t) = log q(x^t_i | x^0_i) + log P(x^0_i | x^t_{-i}) + const, so the network
 only has to supply what the *other* positions say.  Both are closed forms of the kernel.
+Without it, the network gives the logits of P(x^0_i | x^t) itself.  That suits small
+networks: for data whose positions fall into classes with equal posteriors (the heartbeat's
+phases), the whole answer is then a function of a few class sums, whereas "what the others
+say" differs at every position and must be carried through every layer (docs/network.md
+measures both).
 """
 
 import contextlib
@@ -155,7 +160,7 @@ class ReverseProcess(PyroModule):
     it; ``reverse_probs`` and ``sample`` are the stable API; ``forward`` is the Pyro program.
     """
 
-    def __init__(self, kernel, net, parameterisation="x0", inputs="state"):
+    def __init__(self, kernel, net, parameterisation="x0", inputs="state", add_own_evidence=True):
         super().__init__()
         if parameterisation not in PARAMETERISATIONS:
             raise UserError(f"unknown parameterisation {parameterisation!r}; choose one of {PARAMETERISATIONS}")
@@ -173,6 +178,7 @@ class ReverseProcess(PyroModule):
         self.net = net
         self.parameterisation = parameterisation
         self.inputs = inputs
+        self.add_own_evidence = add_own_evidence and inputs != "state"
         # Every layer must go through pyro.param to be trained by SVI (see README, pitfalls).
         to_pyro_module_(self.net)
 
@@ -270,7 +276,7 @@ class ReverseProcess(PyroModule):
     def x0_logits(self, x_t, t):
         """Bits: the logit of the predicted P(x^0 = 1 | x^t), shape (..., n)."""
         logits = self._net(x_t, t)[..., 0]
-        if self.inputs != "state":
+        if self.add_own_evidence:
             logits = logits + self._evidence_logit(x_t, t)  # Bayes' rule: the position's own evidence
         return logits
 
@@ -282,7 +288,7 @@ class ReverseProcess(PyroModule):
             return torch.stack([F.logsigmoid(-logits), F.logsigmoid(logits)], dim=-1)
         data_states = self.kernel.num_data_states
         out = F.pad(self._net(x_t, t), (1, 0))[..., :data_states]
-        if self.inputs != "state":
+        if self.add_own_evidence:
             out = out + self._data_evidence(x_t, t)  # Bayes' rule: the position's own evidence
         data_log_probs = torch.log_softmax(out, dim=-1)
         return F.pad(data_log_probs, (0, self.kernel.num_states - data_states), value=-math.inf)

@@ -232,3 +232,16 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     assert payload["state"]["step"] == 10
     weights = {k: v for k, v in payload["model_state"].items() if k.startswith("net.")}
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_oracle_command_with_samples():
+    result = bdiff_in_process("oracle", "experiments/configs/heartbeat.yaml", "--set", "model.T=20", "--samples", 300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("oracle K* = ") and "T = 20" in lines[0]
+    assert lines[1].startswith("of 300 oracle samples (seed 0): ") and "% in the support" in lines[1]
+    assert len(lines[1].split("pattern fractions ")[1].split()) == 5  # the five heartbeat shifts
+    assert_user_error(bdiff_in_process("oracle", "experiments/configs/heartbeat.yaml", "--samples", -1),
+                      "--samples must be at least 0")
+    assert_user_error(bdiff_in_process("train", "experiments/configs/heartbeat.yaml", "--set",
+                                       "model.add_own_evidence=maybe"), "model.add_own_evidence")

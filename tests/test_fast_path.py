@@ -20,9 +20,12 @@ def generic_log_probs(process, x_t, t):
 @pytest.mark.parametrize("parameterisation", ["x0", "direct"])
 @pytest.mark.parametrize("inputs", ["state", "evidence", "log_evidence"])
 @pytest.mark.parametrize("schedule,pi_1,film", [("cosine", 0.5, False), ("paper", 0.2, True)])
-def test_binary_logits_equal_the_generic_mixture(parameterisation, inputs, schedule, pi_1, film):
+@pytest.mark.parametrize("add_own_evidence", [True, False])
+def test_binary_logits_equal_the_generic_mixture(parameterisation, inputs, schedule, pi_1, film, add_own_evidence):
+    if inputs == "state" and not add_own_evidence:
+        pytest.skip("state inputs add no evidence either way")
     process = make_process(n=3, T=6, pi_1=pi_1, schedule=schedule, parameterisation=parameterisation, inputs=inputs,
-                           film=film)
+                           film=film, add_own_evidence=add_own_evidence)
     x_t = all_states(3)
     with torch.no_grad():
         for t in range(1, process.T + 1):
@@ -58,6 +61,25 @@ def test_evidence_inputs_with_a_silent_network_give_each_positions_own_posterior
             finite = torch.isfinite(expected)
             assert torch.equal(finite, torch.isfinite(got))
             assert torch.allclose(got[finite], expected[finite], rtol=1e-12, atol=1e-12), t
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[0]}{c[1]}")
+def test_without_own_evidence_the_network_alone_predicts_x0(case):
+    """add_own_evidence=False: P(x^0_i | x^t) is the softmax of the network's logits over the
+    data states (state 0's logit fixed at 0), whatever x^t_i says; silent, it is uniform."""
+    process = make_kernel_process(case, n=2, T=5, inputs="evidence", add_own_evidence=False)
+    kernel, data_states = process.kernel, process.kernel.num_data_states
+    x_t = all_states(2, kernel.num_states)
+    with torch.no_grad():
+        for t in range(1, kernel.T + 1):
+            net = torch.nn.functional.pad(process._net(x_t, t), (1, 0))[..., :data_states]
+            got = process.x0_log_probs(x_t, t)
+            assert torch.allclose(got[..., :data_states], net.log_softmax(-1), rtol=1e-12, atol=1e-12)
+            assert torch.isneginf(got[..., data_states:]).all()
+        process.net.out.weight.zero_()
+        process.net.out.bias.zero_()
+        uniform = torch.full((len(x_t), 2, data_states), -torch.log(torch.tensor(float(data_states))))
+        assert torch.allclose(process.x0_log_probs(x_t, 3)[..., :data_states], uniform.double())
 
 
 def test_evidence_inputs_read_the_kernel_not_the_raw_state():

@@ -17,18 +17,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# Sizes with one-hot inputs; the evidence codes change only the network's inputs (two sizes),
+# and without the own-evidence term the network alone predicts x^0 (one code, one size).
+NETWORK_CASES = ([(n, T, "state", True) for n, T in [(1, 2), (2, 3), (2, 4), (3, 3)]]
+                 + [(n, T, inputs, True) for n, T in [(2, 3), (3, 3)] for inputs in ("evidence", "log_evidence")]
+                 + [(2, 3, "evidence", False)])
+
+
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[0]}{c[1]}")
 @pytest.mark.parametrize("parameterisation", ["x0", "direct"])
-@pytest.mark.parametrize("n,T", [(1, 2), (2, 3), (2, 4), (3, 3)])
 @pytest.mark.parametrize("schedule", ["cosine", "paper"])
-@pytest.mark.parametrize("inputs", ["state", "evidence", "log_evidence"])
-def test_analytic_bound_equals_trace_enum_for_every_kernel(case, parameterisation, n, T, schedule, inputs):
-    if inputs != "state" and (n, T) not in ((2, 3), (3, 3)):
-        pytest.skip("the evidence codes change only the network's inputs: two sizes suffice")
+@pytest.mark.parametrize("n,T,inputs,add_own_evidence", NETWORK_CASES)
+def test_analytic_bound_equals_trace_enum_for_every_kernel(case, parameterisation, schedule, n, T, inputs,
+                                                           add_own_evidence):
     if inputs == "log_evidence" and case[0] == "absorbing":
         pytest.skip("log_evidence needs q(x^t | x^0) > 0 (tested in test_fast_path)")
     process = make_kernel_process(case, n=n, T=T, schedule=schedule, parameterisation=parameterisation, seed=n + T,
-                                  inputs=inputs)
+                                  inputs=inputs, add_own_evidence=add_own_evidence)
     x0 = all_states(n, case[1])
     with torch.no_grad():
         analytic = elbo_exact(process.kernel, process.log_probs, x0)
