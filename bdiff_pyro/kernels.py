@@ -191,14 +191,14 @@ class DiscreteKernel(nn.Module):
 
         x0_log_probs: (..., n, K) log P(x^0 = v) per dimension.  This is the through-x^0
         parameterisation of the reverse step (also the oracle's form); with s < t - 1 it is
-        the strided jump.  Mixed in probability space: a sum of non-negative terms.
+        the strided jump.  Mixed in log space: in float32 both factors can be ~1e-45, whose
+        product underflows to 0 and would make a possible state impossible.
         """
         if s is None or (isinstance(t, int) and s == t - 1):
             table = _rows(self.log_posterior, t, x_t)  # (..., n, K_v, K)
         else:
             table = posterior_table(self.log_span(s, t), self.log_Qbar[s])[_index(x_t)]
-        mixture = (x0_log_probs.exp().unsqueeze(-1) * table.exp()).sum(-2)  # (..., n, K)
-        return safe_log(mixture)
+        return safe_logsumexp(x0_log_probs.unsqueeze(-1) + table, dim=-2)  # (..., n, K)
 
     def log_span(self, s, t):
         """log of the s -> t transition matrix Q_{s+1} ... Q_t (products; closed forms override)."""
@@ -223,16 +223,18 @@ class DiscreteKernel(nn.Module):
         return dist.Categorical(logits=log_probs)
 
 
-def safe_log(p):
-    """log p with log 0 = -inf and a zero (not NaN) gradient there: the double-where trick.
+def safe_logsumexp(log_terms, dim):
+    """log sum_k exp(log_terms_k) over ``dim``, = -inf where every term is -inf, with a zero
+    (not NaN) gradient there: the double-where trick.
 
-    A plain p.log() has derivative 1/p = inf at p = 0, so the zero gradient that a term
-    ignoring the entry sends back (a KL where q = 0, an unselected torch.where branch)
-    becomes 0 * inf = NaN.  Zeros happen whenever a kernel has zeros in Q_t: absorbing
-    (an unmasked x^t), flip-to-another-state at beta_t = 1.
+    logsumexp's gradient is exp(log_terms - result) = exp(-inf + inf) = NaN on such a slice, and
+    the zero gradient that a term ignoring the entry sends back (a KL where q = 0) becomes
+    0 * NaN = NaN.  Such slices happen whenever a kernel has zeros in Q_t: absorbing (an
+    unmasked x^t), flip-to-another-state at beta_t = 1.
     """
-    positive = p > 0
-    return torch.where(positive, torch.where(positive, p, torch.ones_like(p)).log(), torch.full_like(p, -math.inf))
+    nothing = torch.isneginf(log_terms).all(dim, keepdim=True)
+    total = torch.logsumexp(torch.where(nothing, torch.zeros_like(log_terms), log_terms), dim, keepdim=True)
+    return torch.where(nothing, torch.full_like(total, -math.inf), total).squeeze(dim)
 
 
 def posterior_table(log_span, log_prior):
