@@ -292,9 +292,12 @@ class ResampleKernel(DiscreteKernel):
         return self._mix(self._beta_tilde)
 
     def log_span(self, s, t):
-        """s -> t in closed form: (1 - r) I + r 1 pi^T with 1 - r = (1 - beta~_t) / (1 - beta~_s)."""
-        keep = (1 - self._beta_tilde[t]) / (1 - self._beta_tilde[s])
-        return self._mix((1 - keep).reshape(1))[0].log().to(self.log_Q)
+        """s -> t in closed form: (1 - r) I + r 1 pi^T with 1 - r = (1 - beta~_t) / (1 - beta~_s),
+        and r = 1 where beta~_s = 1 (x^0 is forgotten by s and every later step redraws, as in
+        ``betas_from_beta_tilde``)."""
+        kept_until_s = 1 - float(self._beta_tilde[s])
+        keep = (1 - float(self._beta_tilde[t])) / kept_until_s if kept_until_s > 0 else 0.0
+        return self._mix(torch.tensor([1 - keep], dtype=torch.float64))[0].log().to(self.log_Q)
 
 
 class BernoulliKernel(ResampleKernel):

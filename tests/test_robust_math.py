@@ -20,3 +20,26 @@ def test_gaussian_kernel_bound_is_the_same_in_float32_and_float64():
     assert x0.shape == (16, 2) and torch.isfinite(reference).all()
     assert torch.isfinite(single).all(), single
     assert torch.allclose(single.double(), reference, rtol=1e-5, atol=0), (single, reference)
+
+
+@pytest.mark.parametrize("kernel_class,states", [("bernoulli", 2), ("uniform", 3)])
+def test_span_after_the_schedule_reaches_one_early(kernel_class, states):
+    """beta~_2 = 1 < beta~_T: the closed-form s -> t transition equals the product of the steps
+    (every step after s = 2 redraws from pi) instead of 0/0, and strided sampling across it works."""
+    from bdiff_pyro.kernels import BernoulliKernel, DiscreteKernel, UniformKernel
+    from conftest import _random_process
+
+    beta_tilde = torch.tensor([0, 0.5, 1, 1, 1])
+    kernel = BernoulliKernel(beta_tilde) if kernel_class == "bernoulli" else UniformKernel(beta_tilde, states)
+    for t in range(1, kernel.T + 1):
+        for s in range(t):
+            product = DiscreteKernel.log_span(kernel, s, t).exp()
+            assert torch.allclose(kernel.log_span(s, t).exp(), product, rtol=0, atol=1e-15), (s, t)
+    redraw = kernel.pi.expand(states, states)
+    assert torch.equal(kernel.log_span(2, 4).exp(), redraw)
+
+    torch.manual_seed(0)
+    process = _random_process(kernel, 3, "x0", (8,), "state")
+    assert process.stride_grid(2) == [(4, 2), (2, 0)]
+    samples = process.sample(200, seed=0, steps=2)
+    assert samples.shape == (200, 3) and set(samples.unique().tolist()) <= set(range(states))
