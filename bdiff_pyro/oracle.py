@@ -32,7 +32,7 @@ import math
 import torch
 from torch import nn
 
-from .bound import LN2, closed_form_terms, elbo_replicates, entropy, log_prob_of, pi_correction
+from .bound import LN2, closed_form_terms, elbo_replicates, entropy, log_prob_of, papers_K_fields
 from .errors import UserError
 from .kernels import normalise
 
@@ -318,7 +318,7 @@ def oracle_report(kernel, patterns, weights=None, replicates=16, seed=0, exact="
     """The oracle's bound on the data distribution, in bits/seq, as a dict.
 
     ``elbo_bits`` is the ELBO, ``K_bits`` the paper's K (the ELBO without the pi correction; equal
-    for pi_1 = 1/2), ``se_bits`` the Monte Carlo standard error (0 when computed exactly),
+    for pi_1 = 1/2; None, with ``K_undefined`` saying why, where pi has zeros), ``se_bits`` the Monte Carlo standard error (0 when computed exactly),
     ``gap_bits`` = -H(w) - ELBO >= 0.  ``exact``: True, False or "auto" (exact when the count
     configurations are few).  Keys named as in ``evaluation.bound_report``.
     """
@@ -334,12 +334,11 @@ def oracle_report(kernel, patterns, weights=None, replicates=16, seed=0, exact="
     else:
         method = f"monte carlo, {replicates} replicates, seed {seed}"
         elbo_bits, se_bits = weighted_mean_and_se(oracle_elbo_replicates(oracle, replicates, seed), w)
-    correction_bits = float((w * pi_correction(kernel, x0)).sum()) / LN2
     data_entropy = data_entropy_bits(w)
     beta_tilde = getattr(kernel, "beta_tilde", None)
     return {
         "elbo_bits": elbo_bits,
-        "K_bits": elbo_bits - correction_bits,
+        **papers_K_fields(kernel, x0, elbo_bits, w),
         "se_bits": se_bits,
         "data_log_likelihood_bits": -data_entropy,
         "gap_bits": -data_entropy - elbo_bits,

@@ -1,11 +1,20 @@
 """Numerical edge cases of the kernels, the oracle and the samplers: float32 underflow, schedules
 that reach beta~ = 1 early, states no pattern produces, kernels whose pi has zeros."""
 
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
 from bdiff_pyro.bound import all_states, elbo_exact
+from bdiff_pyro.cli import main
 from conftest import make_kernel_process
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gaussian_kernel_bound_is_the_same_in_float32_and_float64():
@@ -92,3 +101,64 @@ def test_absorbing_oracle_step_is_a_distribution_that_keeps_unmasked_values():
 def test_absorbing_oracle_samples():
     samples = absorbing_oracle().sample(1000, seed=0)
     assert samples.shape == (1000, 3) and set(samples.unique().tolist()) <= {0, 1}
+
+
+def strict_json(text):
+    """json.loads that refuses NaN and Infinity (Python's accepts them; JSON has neither)."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_papers_K_is_null_where_pi_has_zeros():
+    """The absorbing kernel's pi is a point mass on the mask state: log pi(x^0) = -inf, so the
+    paper's K (ELBO minus the pi correction) is undefined; the reports say so instead of NaN."""
+    from bdiff_pyro.bound import pi_correction, pi_correction_undefined
+    from bdiff_pyro.evaluation import bound_report
+    from bdiff_pyro.oracle import oracle_report
+
+    for case in [("bernoulli", 2, 0.2), ("uniform", 3, None), ("gaussian", 3, None)]:
+        assert pi_correction_undefined(make_kernel_process(case).kernel) is None
+    process = make_kernel_process(("absorbing", 2, None), n=3, T=3)
+    x0 = torch.tensor([[0.0, 1, 1], [1, 1, 0]])
+    assert "pi has zeros" in pi_correction_undefined(process.kernel)
+    with pytest.raises(ValueError, match="K is undefined"):
+        pi_correction(process.kernel, x0)
+
+    with torch.no_grad():
+        reports = [bound_report(process, x0, replicates=2), oracle_report(process.kernel, x0)]
+    for report in reports:
+        assert report["K_bits"] is None and "pi has zeros" in report["K_undefined"]
+        assert math.isfinite(report["elbo_bits"])
+        assert strict_json(json.dumps(report))["K_bits"] is None
+
+
+def test_metrics_and_diagnostics_of_an_absorbing_run(tmp_path):
+    """metrics.json is valid JSON with K_bits null; the diagnostics file says why it has no
+    pi correction."""
+    import xarray as xr
+
+    from bdiff_pyro.config import load_config
+    from bdiff_pyro.diagnostics import diagnose
+    from bdiff_pyro.train import train
+
+    config = load_config(ROOT / "experiments/configs/kernel_heartbeat.yaml", [
+        "model.kernel=absorbing", "model.T=6", "model.hidden=[16]", "train.steps=20", "train.eval_every=20",
+        "train.checkpoint_every=20", "train.eval_samples=50", "evaluate.num_samples=100", "evaluate.replicates=2"])
+    train(config, tmp_path, progress=False, log=lambda *_: None)
+    metrics = strict_json((tmp_path / "metrics.json").read_text())
+    for part in ("train", "held_out"):
+        assert metrics[part]["K_bits"] is None and "pi has zeros" in metrics[part]["K_undefined"]
+        assert math.isfinite(metrics[part]["elbo_bits"])
+
+    data = tmp_path / "two.txt"
+    data.write_text("10000100001000010000\n01000010000100001000\n")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["evaluate", str(tmp_path), str(data), "--replicates", "2", "--json"]) == 0
+    printed, as_json = out.getvalue().strip().splitlines()
+    assert "the paper's K is undefined" in printed and strict_json(as_json)["K_bits"] is None
+
+    result = diagnose(tmp_path, chains=2, draws=10, progress=False, plots=False, log=lambda *_: None)
+    with xr.open_datatree(result["files"]["datatree"]) as tree:
+        assert "pi_correction_bits" not in tree.attrs and "pi has zeros" in tree.attrs["paper_K_undefined"]
