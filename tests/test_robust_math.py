@@ -162,3 +162,19 @@ def test_metrics_and_diagnostics_of_an_absorbing_run(tmp_path):
     result = diagnose(tmp_path, chains=2, draws=10, progress=False, plots=False, log=lambda *_: None)
     with xr.open_datatree(result["files"]["datatree"]) as tree:
         assert "pi_correction_bits" not in tree.attrs and "pi has zeros" in tree.attrs["paper_K_undefined"]
+
+
+def test_oracle_command_for_a_kernel_without_pi_1():
+    """The absorbing kernel has K = 3 states (no pi_1): the report prints without it, its
+    samples are drawn, and --json is valid JSON with the paper's K null."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["oracle", str(ROOT / "experiments/configs/kernel_heartbeat.yaml"), "--set", "model.kernel=absorbing",
+                     "--set", "model.T=20", "--samples", "100", "--json"])
+    assert code == 0
+    summary, drawn, as_json = out.getvalue().strip().splitlines()
+    assert summary.startswith("oracle K* = ") and "schedule cosine; data log-likelihood" in summary
+    assert "pi_1" not in summary
+    assert drawn.startswith("of 100 oracle samples (seed 0): ")
+    report = strict_json(as_json)
+    assert report["pi_1"] is None and report["K_bits"] is None and report["samples"]["num"] == 100
