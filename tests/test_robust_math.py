@@ -178,3 +178,50 @@ def test_oracle_command_for_a_kernel_without_pi_1():
     assert drawn.startswith("of 100 oracle samples (seed 0): ")
     report = strict_json(as_json)
     assert report["pi_1"] is None and report["K_bits"] is None and report["samples"]["num"] == 100
+
+
+def distribution_of_x0(process, jumps, jump_dist):
+    """The exact distribution of x^0 over all K^n states: pi pushed through each jump's
+    transition matrix P[x, y] = prod_i p(y_i | x), the distributions the sampler draws from."""
+    K = process.kernel.num_states
+    states = all_states(process.n, K)
+    distribution = process.kernel.prior_log_probs((len(states), process.n)).gather(
+        -1, states.long().unsqueeze(-1)).squeeze(-1).sum(-1).exp()  # pi(x^T)
+    for t, s in jumps:
+        draws = jump_dist(states if K == 2 else states.long(), t, s)
+        values = states.unsqueeze(1) if K == 2 else states.long().unsqueeze(1)
+        transition = draws.log_prob(values).sum(-1).exp().T  # (x, y)
+        distribution = distribution @ transition
+    return distribution
+
+
+@pytest.mark.parametrize("case", [("bernoulli", 2, 0.5), ("bernoulli", 2, 0.2), ("uniform", 3, None),
+                                  ("absorbing", 2, None), ("gaussian", 3, None)], ids=lambda c: f"{c[0]}{c[1]}")
+@pytest.mark.parametrize("T", [3, 4])
+def test_strided_sampler_with_every_step_is_the_model(case, T):
+    """sample(steps=T) has exactly the distribution of sample() (every reverse step, ending with
+    the kernel's edge step), computed over all states; and under one seed the same draws."""
+    process = make_kernel_process(case, n=2, T=T, seed=3)
+    with torch.no_grad():
+        model = distribution_of_x0(process, [(t, t - 1) for t in range(T, 0, -1)],
+                                   lambda x, t, s: process.step_dist(x, t))
+        grid = process.stride_grid(T)
+        strided = distribution_of_x0(process, grid, process._jump_dist)
+    assert grid == [(t, t - 1) for t in range(T, 0, -1)]
+    assert float(model.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert float((model - strided).abs().sum()) / 2 < 1e-12
+    assert torch.equal(process.sample(300, seed=1, steps=T), process.sample(300, seed=1))
+
+
+def test_strided_sampler_ends_with_the_edge_step():
+    """T = 4, 3 steps: the grid 4 -> 3 -> 1 -> 0 ends with a one-step jump, the kernel's closed-form
+    p(x^0 | x^1), not the network's prediction of x^0 at t = 1 (which nothing trains)."""
+    process = make_kernel_process(("bernoulli", 2, 0.2), n=2, T=4, seed=3)
+    assert process.stride_grid(3) == [(4, 3), (3, 1), (1, 0)]
+    x1 = all_states(2)
+    edge = process._jump_dist(x1, 1, 0)
+    pi_1, keep = 0.2, 1 - float(process.kernel.beta_tilde[1])
+    # p(x^0 = 1 | x^1) = q(x^1 | x^0 = 1) pi_1 / pi(x^1), with q(x^1 = 1 | x^0) = x^0 keep + (1 - keep) pi_1
+    q_given_1 = x1 * (keep + (1 - keep) * pi_1) + (1 - x1) * (1 - keep) * (1 - pi_1)
+    expected = q_given_1 * pi_1 / (x1 * pi_1 + (1 - x1) * (1 - pi_1))
+    assert torch.allclose(edge.probs, expected, rtol=1e-12, atol=0)
