@@ -224,17 +224,28 @@ class DiscreteKernel(nn.Module):
 
 
 def safe_logsumexp(log_terms, dim):
-    """log sum_k exp(log_terms_k) over ``dim``, = -inf where every term is -inf, with a zero
-    (not NaN) gradient there: the double-where trick.
+    """log sum_k exp(a_k) over ``dim`` = m + log sum_k exp(a_k - m), m = max_k a_k: the largest
+    term is 1 after the shift, so a sum of terms that each underflow in probabilities is finite.
 
-    logsumexp's gradient is exp(log_terms - result) = exp(-inf + inf) = NaN on such a slice, and
-    the zero gradient that a term ignoring the entry sends back (a KL where q = 0) becomes
-    0 * NaN = NaN.  Such slices happen whenever a kernel has zeros in Q_t: absorbing (an
-    unmasked x^t), flip-to-another-state at beta_t = 1.
+    m is held constant (the value does not depend on it) and taken as 0 where every a_k = -inf;
+    there the sum is 0 and :func:`safe_log` gives -inf with a zero gradient (torch.logsumexp's
+    gradient exp(a_k - result) would be exp(-inf + inf) = NaN).
     """
-    nothing = torch.isneginf(log_terms).all(dim, keepdim=True)
-    total = torch.logsumexp(torch.where(nothing, torch.zeros_like(log_terms), log_terms), dim, keepdim=True)
-    return torch.where(nothing, torch.full_like(total, -math.inf), total).squeeze(dim)
+    shift = log_terms.detach().amax(dim, keepdim=True)
+    shift = torch.where(torch.isneginf(shift), torch.zeros_like(shift), shift)
+    return safe_log((log_terms - shift).exp().sum(dim)) + shift.squeeze(dim)
+
+
+def safe_log(p):
+    """log p with log 0 = -inf and a zero (not NaN) gradient there: the double-where trick.
+
+    A plain p.log() has derivative 1/p = inf at p = 0, so the zero gradient that a term
+    ignoring the entry sends back (a KL where q = 0, an unselected torch.where branch)
+    becomes 0 * inf = NaN.  Zeros happen whenever a kernel has zeros in Q_t: absorbing
+    (an unmasked x^t), flip-to-another-state at beta_t = 1.
+    """
+    positive = p > 0
+    return torch.where(positive, torch.where(positive, p, torch.ones_like(p)).log(), torch.full_like(p, -math.inf))
 
 
 def posterior_table(log_span, log_prior):
