@@ -114,7 +114,7 @@ def cmd_oracle(args):
     report = oracle_main(config, replicates=args.replicates, seed=args.seed,
                          exact=False if args.monte_carlo else "auto", samples=args.samples)
     se = f" ± {report['se_bits']:.4f}" if report.get("se_bits") else " (exact)"
-    pi_1 = f", pi_1 = {report['pi_1']:g}" if report["pi_1"] is not None else ""  # a Bernoulli kernel's only
+    pi_1 = f", pi_1 = {report['pi_1']:g}" if report["pi_1"] is not None else ""  # two-state kernels only
     print(f"oracle K* = {report['elbo_bits']:.4f}{se} bits/seq for T = {report['T']}, schedule {report['schedule']}"
           f"{pi_1}; data log-likelihood {report['data_log_likelihood_bits']:.4f} bits/seq, "
           f"gap {report['gap_bits']:.4f} bits ({report['support']} support)")

@@ -318,9 +318,10 @@ def oracle_report(kernel, patterns, weights=None, replicates=16, seed=0, exact="
     """The oracle's bound on the data distribution, in bits/seq, as a dict.
 
     ``elbo_bits`` is the ELBO, ``K_bits`` the paper's K (the ELBO without the pi correction; equal
-    for pi_1 = 1/2; None, with ``K_undefined`` saying why, where pi has zeros), ``se_bits`` the Monte Carlo standard error (0 when computed exactly),
-    ``gap_bits`` = -H(w) - ELBO >= 0.  ``exact``: True, False or "auto" (exact when the count
-    configurations are few).  Keys named as in ``evaluation.bound_report``.
+    for pi_1 = 1/2; None, with ``K_undefined`` saying why, where pi has zeros), ``se_bits`` the
+    Monte Carlo standard error (0 when computed exactly), ``gap_bits`` = -H(w) - ELBO >= 0.
+    ``exact``: True, False or "auto" (exact when the count configurations are few).  Keys named
+    as in ``evaluation.bound_report``.
     """
     oracle = OracleReverse(kernel, patterns, weights)
     x0 = oracle.patterns.to(kernel.log_pi.dtype)

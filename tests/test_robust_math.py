@@ -21,10 +21,10 @@ def test_gaussian_kernel_bound_is_the_same_in_float32_and_float64():
     """K = 4, cosine, T = 200: q(x^t | x^0) reaches ~1e-45, where a mixture formed in float32
     probabilities underflows to 0 and the ELBO to -inf."""
     process = make_kernel_process(("gaussian", 4, None), n=2, T=200)
+    process32 = make_kernel_process(("gaussian", 4, None), n=2, T=200).float()  # the same network
     x0 = all_states(2, 4)
     with torch.no_grad():
         reference = elbo_exact(process.kernel, process.log_probs, x0)
-        process32 = process.float()
         single = elbo_exact(process32.kernel, process32.log_probs, x0.float())
     assert x0.shape == (16, 2) and torch.isfinite(reference).all()
     assert torch.isfinite(single).all(), single
