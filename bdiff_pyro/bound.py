@@ -55,10 +55,37 @@ def prior_term(kernel, x0):
     return (entropy(log_q_T) + cross_entropy_term(log_q_T, kernel.log_pi)).sum(-1)
 
 
+def pi_correction_undefined(kernel):
+    """Why the pi correction, and with it the paper's K = ELBO - correction, is undefined for
+    this kernel, or None when it is defined: it needs log pi finite, i.e. pi > 0 in every state."""
+    if bool(torch.isfinite(kernel.log_pi).all()):
+        return None
+    return ("the paper's K is undefined: the stationary distribution pi has zeros, so log pi(x^0) = -inf "
+            "(the absorbing kernel's pi is a point mass on the mask state)")
+
+
 def pi_correction(kernel, x0):
-    """log pi(x^0) - E_{q(x^1 | x^0)} log pi(x^1), per sequence: ELBO - K (DESIGN.md 2)."""
+    """log pi(x^0) - E_{q(x^1 | x^0)} log pi(x^1), per sequence: ELBO - K (DESIGN.md 2).
+
+    Raises ValueError for a kernel where it is undefined (:func:`pi_correction_undefined`):
+    there it would be -inf - (-inf).
+    """
+    undefined = pi_correction_undefined(kernel)
+    if undefined is not None:
+        raise ValueError(undefined)
     log_q_1 = kernel.q_marginal_log_probs(x0, 1)
     return (kernel.log_pi[x0.long()] - cross_entropy_term(log_q_1, kernel.log_pi)).sum(-1)
+
+
+def papers_K_fields(kernel, x0, elbo_bits, weights=None):
+    """{"K_bits": the paper's K} for a report: ELBO - sum_j w_j pi_correction(x^0_j) in bits
+    (w_j = 1/N unless given), or {"K_bits": None, "K_undefined": why} where it is undefined."""
+    undefined = pi_correction_undefined(kernel)
+    if undefined is not None:
+        return {"K_bits": None, "K_undefined": undefined}
+    corrections = pi_correction(kernel, x0)
+    correction = corrections.mean() if weights is None else (weights.to(corrections) * corrections).sum()
+    return {"K_bits": elbo_bits - float(correction) / LN2}
 
 
 def closed_form_edge_term(kernel, x0):

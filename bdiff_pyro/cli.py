@@ -67,9 +67,9 @@ def cmd_evaluate(args):
     if args.replicates < 2:
         raise UserError(f"--replicates must be at least 2 for a standard error (got {args.replicates})")
     report = bound_report(process, x0, replicates=args.replicates, seed=args.seed)
+    papers_K = report.get("K_undefined") or f"paper's K without pi correction: {report['K_bits']:.4f}"
     print(f"K = {report['elbo_bits']:.4f} ± {report['se_bits']:.4f} bits/seq "
-          f"({len(x0)} sequences, {args.replicates} replicates; paper's K without pi correction: "
-          f"{report['K_bits']:.4f})")
+          f"({len(x0)} sequences, {args.replicates} replicates; {papers_K})")
     if args.exact:
         from .bound import LN2
         from .enumerate import exact_log_likelihood
@@ -87,7 +87,7 @@ def cmd_evaluate(args):
         print(f"importance-sampled log p(x^0) = {report['importance_bits']:.4f} ± {report['importance_se_bits']:.4f} "
               f"bits/seq ({args.importance} trajectories per sequence; smallest ESS {report['importance_min_ess']:.0f})")
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report, allow_nan=False))
 
 
 def cmd_compare(args):
@@ -114,8 +114,9 @@ def cmd_oracle(args):
     report = oracle_main(config, replicates=args.replicates, seed=args.seed,
                          exact=False if args.monte_carlo else "auto", samples=args.samples)
     se = f" ± {report['se_bits']:.4f}" if report.get("se_bits") else " (exact)"
-    print(f"oracle K* = {report['elbo_bits']:.4f}{se} bits/seq for T = {report['T']}, schedule {report['schedule']}, "
-          f"pi_1 = {report['pi_1']:g}; data log-likelihood {report['data_log_likelihood_bits']:.4f} bits/seq, "
+    pi_1 = f", pi_1 = {report['pi_1']:g}" if report["pi_1"] is not None else ""  # two-state kernels only
+    print(f"oracle K* = {report['elbo_bits']:.4f}{se} bits/seq for T = {report['T']}, schedule {report['schedule']}"
+          f"{pi_1}; data log-likelihood {report['data_log_likelihood_bits']:.4f} bits/seq, "
           f"gap {report['gap_bits']:.4f} bits ({report['support']} support)")
     if "samples" in report:
         drawn = report["samples"]
@@ -124,7 +125,7 @@ def cmd_oracle(args):
         print(f"of {drawn['num']} oracle samples (seed {drawn['seed']}): {drawn['in_support']:.2%} in the support; "
               f"pattern fractions {shown}{more}")
     if args.json:
-        print(json.dumps(report, default=str))
+        print(json.dumps(report, default=str, allow_nan=False))
 
 
 def build_parser():

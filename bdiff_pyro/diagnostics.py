@@ -19,7 +19,8 @@ DataTree API).  ``diagnose(run_dir)`` writes into the run directory:
   (``bound.elbo_replicates``) averaged over the held-out sequences, in bits/seq: its mean over
   all draws is the estimate of K and ArviZ's MCSE is that estimate's Monte Carlo error.  K is
   the bound on log2 p(x) that ``bdiff train`` and ``bdiff evaluate`` report as K (the ELBO);
-  the paper's K is K minus the root attribute ``pi_correction_bits`` (zero for pi_1 = 1/2).
+  the paper's K is K minus the root attribute ``pi_correction_bits`` (zero for pi_1 = 1/2;
+  absent, and ``paper_K_undefined`` says why, for kernels whose pi has zeros).
   When there are more than ``bound_sequences`` held-out sequences, each draw averages a fresh
   random subset of that many (still unbiased for the average over all of them; the MCSE then
   includes the subsampling).
@@ -50,7 +51,7 @@ import xarray as xr
 import yaml
 from tqdm.auto import tqdm
 
-from .bound import LN2, elbo_replicates, first_stochastic_step, pi_correction
+from .bound import LN2, elbo_replicates, first_stochastic_step, pi_correction, pi_correction_undefined
 from .checkpoints import process_from_checkpoint, read_checkpoint
 from .data import load_dataset
 from .errors import UserError
@@ -103,7 +104,7 @@ def diagnose(run_dir, chains=DEFAULT_CHAINS, draws=DEFAULT_DRAWS, seed=0, *, ove
             "draws": draws, "seed": seed, "chain_seeds": np.asarray(seeds, dtype=np.int64),
             "bound_sequences": min(bound_sequences, len(dataset.val)),
             "held_out_sequences": len(dataset.val),
-            "pi_correction_bits": float(pi_correction(process.kernel, dataset.val).mean()) / LN2,
+            **_papers_K_attrs(process.kernel, dataset.val),
             "config": yaml.safe_dump(config.to_dict(), sort_keys=False)})
         _write_netcdf(tree, files["datatree"])
     except BaseException:
@@ -286,6 +287,15 @@ def bound_draws(process, x_val, draws, seeds, bound_sequences=BOUND_SEQUENCES, p
 
 # ---------------------------------------------------------------------------------------
 # The DataTree
+
+
+def _papers_K_attrs(kernel, x0):
+    """The root attribute that turns K into the paper's K: ``pi_correction_bits``, or
+    ``paper_K_undefined`` saying why there is none (``bound.pi_correction_undefined``)."""
+    undefined = pi_correction_undefined(kernel)
+    if undefined is not None:
+        return {"paper_K_undefined": undefined}
+    return {"pi_correction_bits": float(pi_correction(kernel, x0).mean()) / LN2}
 
 
 def build_datatree(samples, dataset, stats, attrs=None):

@@ -3,12 +3,13 @@ and where its samples fall (training set, held-out set, neither)."""
 
 import torch
 
-from .bound import LN2, elbo_replicates, mean_and_standard_error, pi_correction
+from .bound import LN2, elbo_replicates, mean_and_standard_error, papers_K_fields
 
 
 def bound_report(process, x0, replicates=8, seed=0, distinct=False):
-    """The ELBO (and the paper's K) averaged over the sequences x0, in bits/seq, with their
-    Monte Carlo standard errors (stratified over t, ``replicates`` estimates per sequence).
+    """The ELBO (and the paper's K, None where undefined: ``bound.papers_K_fields``) averaged
+    over the sequences x0, in bits/seq, with their Monte Carlo standard error (stratified over
+    t, ``replicates`` estimates per sequence).
 
     With ``distinct``, each distinct sequence is scored once and weighted by its count: the
     same average for a data set with repeats (heartbeat: 5 patterns), at a fraction of the cost.
@@ -22,9 +23,7 @@ def bound_report(process, x0, replicates=8, seed=0, distinct=False):
         torch.manual_seed(seed)
         estimates = elbo_replicates(process.kernel, process.log_probs, x0, replicates)
     elbo, se = mean_and_standard_error(estimates, weights)
-    corrections = pi_correction(process.kernel, x0)
-    correction = float(corrections.mean() if weights is None else (weights.to(corrections) * corrections).sum())
-    return {"elbo_bits": elbo / LN2, "K_bits": (elbo - correction) / LN2, "se_bits": se / LN2}
+    return {"elbo_bits": elbo / LN2, **papers_K_fields(process.kernel, x0, elbo / LN2, weights), "se_bits": se / LN2}
 
 
 def _row_keys(x):

@@ -191,14 +191,14 @@ class DiscreteKernel(nn.Module):
 
         x0_log_probs: (..., n, K) log P(x^0 = v) per dimension.  This is the through-x^0
         parameterisation of the reverse step (also the oracle's form); with s < t - 1 it is
-        the strided jump.  Mixed in probability space: a sum of non-negative terms.
+        the strided jump.  Mixed in log space: in float32 both factors can be ~1e-45, whose
+        product underflows to 0 and would make a possible state impossible.
         """
         if s is None or (isinstance(t, int) and s == t - 1):
             table = _rows(self.log_posterior, t, x_t)  # (..., n, K_v, K)
         else:
             table = posterior_table(self.log_span(s, t), self.log_Qbar[s])[_index(x_t)]
-        mixture = (x0_log_probs.exp().unsqueeze(-1) * table.exp()).sum(-2)  # (..., n, K)
-        return safe_log(mixture)
+        return safe_logsumexp(x0_log_probs.unsqueeze(-1) + table, dim=-2)  # (..., n, K)
 
     def log_span(self, s, t):
         """log of the s -> t transition matrix Q_{s+1} ... Q_t (products; closed forms override)."""
@@ -221,6 +221,19 @@ class DiscreteKernel(nn.Module):
         if self.num_states == 2:
             return dist.Bernoulli(logits=log_probs[..., 1] - log_probs[..., 0])
         return dist.Categorical(logits=log_probs)
+
+
+def safe_logsumexp(log_terms, dim):
+    """log sum_k exp(a_k) over ``dim`` = m + log sum_k exp(a_k - m), m = max_k a_k: the largest
+    term is 1 after the shift, so a sum of terms that each underflow in probabilities is finite.
+
+    m is held constant (the value does not depend on it) and taken as 0 where every a_k = -inf;
+    there the sum is 0 and :func:`safe_log` gives -inf with a zero gradient (torch.logsumexp's
+    gradient exp(a_k - result) would be exp(-inf + inf) = NaN).
+    """
+    shift = log_terms.detach().amax(dim, keepdim=True)
+    shift = torch.where(torch.isneginf(shift), torch.zeros_like(shift), shift)
+    return safe_log((log_terms - shift).exp().sum(dim)) + shift.squeeze(dim)
 
 
 def safe_log(p):
@@ -290,9 +303,12 @@ class ResampleKernel(DiscreteKernel):
         return self._mix(self._beta_tilde)
 
     def log_span(self, s, t):
-        """s -> t in closed form: (1 - r) I + r 1 pi^T with 1 - r = (1 - beta~_t) / (1 - beta~_s)."""
-        keep = (1 - self._beta_tilde[t]) / (1 - self._beta_tilde[s])
-        return self._mix((1 - keep).reshape(1))[0].log().to(self.log_Q)
+        """s -> t in closed form: (1 - r) I + r 1 pi^T with 1 - r = (1 - beta~_t) / (1 - beta~_s),
+        and r = 1 where beta~_s = 1 (x^0 is forgotten by s and every later step redraws, as in
+        ``betas_from_beta_tilde``)."""
+        kept_until_s = 1 - float(self._beta_tilde[s])
+        keep = (1 - float(self._beta_tilde[t])) / kept_until_s if kept_until_s > 0 else 0.0
+        return self._mix(torch.tensor([1 - keep], dtype=torch.float64))[0].log().to(self.log_Q)
 
 
 class BernoulliKernel(ResampleKernel):

@@ -32,7 +32,7 @@ import math
 import torch
 from torch import nn
 
-from .bound import LN2, closed_form_terms, elbo_replicates, entropy, log_prob_of, pi_correction
+from .bound import LN2, closed_form_terms, elbo_replicates, entropy, log_prob_of, papers_K_fields
 from .errors import UserError
 from .kernels import normalise
 
@@ -69,6 +69,8 @@ class OracleReverse(nn.Module):
         # [d_{j,i} = v] as (M, n, K), to marginalise over patterns
         one_hot = nn.functional.one_hot(codes, kernel.num_states).to(kernel.log_pi.dtype)
         self.register_buffer("pattern_one_hot", one_hot)
+        # log sum_j w_j [d_{j,i} = v], (n, K): what the patterns say about dimension i alone
+        self.register_buffer("log_dimension_prior", torch.einsum("j,jiv->iv", weights.to(one_hot), one_hot).log())
 
     @property
     def n(self):
@@ -83,7 +85,8 @@ class OracleReverse(nn.Module):
         return self.log_weights.exp()
 
     def pattern_log_posterior(self, x_t, t):
-        """log P(d_j | x^t) = log w_j + log q(x^t | d_j) - log sum_l w_l q(x^t | d_l), shape (..., M).
+        """log P(d_j | x^t) = log w_j + log q(x^t | d_j) - log sum_l w_l q(x^t | d_l), shape (..., M),
+        and -inf for every j where no pattern can produce x^t (there is no posterior).
 
         t is an int or a LongTensor of shape x_t.shape[:-1], in 1..T.
         """
@@ -94,15 +97,29 @@ class OracleReverse(nn.Module):
             t = torch.as_tensor(t, device=x_t.device).long()
             patterns = self.patterns.expand(*batch, *self.patterns.shape)  # (..., M, n)
             log_q = self.kernel.q_marginal_log_probs(patterns, t.unsqueeze(-1).expand(*batch, len(self.patterns)))
-        log_likelihood = log_prob_of(log_q, x_t.unsqueeze(-2)).sum(-1)  # (..., M)
-        return normalise(log_likelihood + self.log_weights)
+        log_joint = log_prob_of(log_q, x_t.unsqueeze(-2)).sum(-1) + self.log_weights  # (..., M)
+        impossible = torch.isneginf(log_joint).all(-1, keepdim=True)
+        return torch.where(impossible, -math.inf, normalise(log_joint))
 
     def x0_log_probs(self, x_t, t):
-        """Per-dimension marginal log P(x^0_i = v | x^t) = log sum_j P(d_j | x^t) [d_{j,i} = v], (..., n, K)."""
+        """Per-dimension marginal log P(x^0_i = v | x^t) = log sum_j P(d_j | x^t) [d_{j,i} = v], (..., n, K).
+
+        The factorised oracle can reach an x^t that no pattern produces (absorbing kernel: dimensions
+        unmasked from different patterns).  There each dimension reads its own evidence, as a network
+        given it does (``model.add_own_evidence``), and keeps what is unmasked:
+
+            P(x^0_i = v | x^t_i)  ∝  sum_j w_j [d_{j,i} = v] q(x^t_i | x^0_i = v),
+
+        or sum_j w_j [d_{j,i} = v] alone if no pattern's value at i can produce x^t_i either.
+        """
         # A sum of probabilities (no cancellation); the largest P(d_j | x^t) is >= 1/M, so only
         # values below ~1e-308 are lost (they become log 0 = -inf, which the mixture tolerates).
         posterior = self.pattern_log_posterior(x_t, t).exp()
-        return torch.einsum("...j,jiv->...iv", posterior, self.pattern_one_hot).log()
+        log_marginal = torch.einsum("...j,jiv->...iv", posterior, self.pattern_one_hot).log()
+        own_evidence = self.log_dimension_prior + self.kernel.x0_likelihood(x_t, t)
+        fallback = torch.where(torch.isneginf(own_evidence).all(-1, keepdim=True),
+                               self.log_dimension_prior.expand_as(own_evidence), own_evidence)
+        return torch.where(torch.isneginf(log_marginal).all(-1, keepdim=True), normalise(fallback), log_marginal)
 
     def log_probs(self, x_t, t):
         """log p*(x^{t-1} = k | x^t), shape (..., n, K); t = 1 is the edge step."""
@@ -301,9 +318,10 @@ def oracle_report(kernel, patterns, weights=None, replicates=16, seed=0, exact="
     """The oracle's bound on the data distribution, in bits/seq, as a dict.
 
     ``elbo_bits`` is the ELBO, ``K_bits`` the paper's K (the ELBO without the pi correction; equal
-    for pi_1 = 1/2), ``se_bits`` the Monte Carlo standard error (0 when computed exactly),
-    ``gap_bits`` = -H(w) - ELBO >= 0.  ``exact``: True, False or "auto" (exact when the count
-    configurations are few).  Keys named as in ``evaluation.bound_report``.
+    for pi_1 = 1/2; None, with ``K_undefined`` saying why, where pi has zeros), ``se_bits`` the
+    Monte Carlo standard error (0 when computed exactly), ``gap_bits`` = -H(w) - ELBO >= 0.
+    ``exact``: True, False or "auto" (exact when the count configurations are few).  Keys named
+    as in ``evaluation.bound_report``.
     """
     oracle = OracleReverse(kernel, patterns, weights)
     x0 = oracle.patterns.to(kernel.log_pi.dtype)
@@ -317,12 +335,11 @@ def oracle_report(kernel, patterns, weights=None, replicates=16, seed=0, exact="
     else:
         method = f"monte carlo, {replicates} replicates, seed {seed}"
         elbo_bits, se_bits = weighted_mean_and_se(oracle_elbo_replicates(oracle, replicates, seed), w)
-    correction_bits = float((w * pi_correction(kernel, x0)).sum()) / LN2
     data_entropy = data_entropy_bits(w)
     beta_tilde = getattr(kernel, "beta_tilde", None)
     return {
         "elbo_bits": elbo_bits,
-        "K_bits": elbo_bits - correction_bits,
+        **papers_K_fields(kernel, x0, elbo_bits, w),
         "se_bits": se_bits,
         "data_log_likelihood_bits": -data_entropy,
         "gap_bits": -data_entropy - elbo_bits,

@@ -314,10 +314,12 @@ class ReverseProcess(PyroModule):
         """(num, n) samples of x^0.
 
         Without ``steps``: every reverse step, the same draws as the Pyro program under the
-        same seed.  With ``steps`` (through-x^0 parameterisation only): ``steps`` network
-        evaluations on an evenly spaced grid T = t_1 > ... > t_steps > 0; each jump t -> s
-        draws x^s from q(x^s | x^t, x^0) averaged over the predicted P(x^0 | x^t), and the
-        last draws x^0 from the prediction itself.
+        same seed.  With ``steps`` (through-x^0 parameterisation only): ``steps`` jumps on an
+        evenly spaced grid T = t_1 > ... > t_steps > 0, one network evaluation each (none for a
+        closed-form edge step 1 -> 0); each jump t -> s draws x^s from q(x^s | x^t, x^0)
+        averaged over the predicted P(x^0 | x^t), and a last jump t -> 0 from t > 1 draws x^0
+        from the prediction itself.  A jump of one step is the model's own step, so
+        ``steps = T`` is ``sample()``, draw for draw.
         """
         rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
         with rng, torch.no_grad():
@@ -334,7 +336,14 @@ class ReverseProcess(PyroModule):
 
     def _jump_dist(self, x_t, t, s):
         """x^s given x^t through the predicted x^0: q(x^s | x^t, x^0) averaged over
-        P(x^0 | x^t), or P(x^0 | x^t) itself when s = 0."""
+        P(x^0 | x^t), or P(x^0 | x^t) itself when s = 0 < t - 1.
+
+        s = t - 1 is the model's step (:meth:`step_dist`): the same mixture for t >= 2, and at
+        t = 1 the edge step, which is closed form for most kernels; the prediction of x^0 at
+        t = 1 is then trained by no term of the bound.
+        """
+        if s == t - 1:
+            return self.step_dist(x_t, t)
         if self.binary:
             logits = self.x0_logits(x_t, t)
             if s > 0:
@@ -347,7 +356,7 @@ class ReverseProcess(PyroModule):
         return dist.Categorical(logits=log_probs)
 
     def stride_grid(self, steps):
-        """[(t, s), ...] jumps from T to 0 with ``steps`` network evaluations."""
+        """[(t, s), ...]: ``steps`` jumps from T to 0."""
         if self.parameterisation != "x0":
             raise UserError("strided sampling (--steps) needs the through-x^0 parameterisation (model.parameterisation: x0)")
         if not 1 <= steps <= self.T:

@@ -330,7 +330,7 @@ def finish_run(process, dataset, config, state, run_dir):
     }
     if dataset.support is not None:
         metrics["samples"]["pattern_fractions"] = pattern_histogram(samples, dataset.support)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     _write_history(state.history, run_dir / "history.csv")
     plots.bound_curve(state.history, run_dir / "bound_curve.png")
     plots.membership_curve(state.history, run_dir / "proportions.png")
