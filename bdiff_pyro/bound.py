@@ -190,22 +190,24 @@ def elbo_replicates(kernel, reverse_log_probs, x0, replicates=4, max_rows=65536)
     """Independent unbiased estimates of ELBO(x^0), shape (N, replicates), in nats.
 
     Each replicate visits every step t once with one x^t ~ q(x^t | x^0) (stratified over t,
-    which has far less variance than sampling t).  Rows are batched over (t, x^0).
+    which has far less variance than sampling t).  Rows (replicate, step, sequence) are
+    visited in that order ``max_rows`` at a time and never held all at once: the memory is
+    O(max_rows + N x replicates) whatever T and N are.
     """
     first = first_stochastic_step(kernel)
     steps = torch.arange(first, kernel.T + 1, device=x0.device)
-    num, n = x0.shape
-    # rows ordered (replicate, step, sequence)
-    step_of_row = steps.repeat_interleave(num).repeat(replicates)
-    x0_rows = x0.repeat(replicates * len(steps), 1)
-    terms = torch.empty(len(step_of_row), dtype=kernel.log_pi.dtype, device=x0.device)
+    num = x0.shape[0]
+    total = replicates * len(steps) * num
+    # sum over t of L_t, per (replicate, sequence)
+    stochastic = torch.zeros(replicates * num, dtype=kernel.log_pi.dtype, device=x0.device)
     with torch.no_grad():
-        for start in range(0, len(step_of_row), max_rows):
-            rows = slice(start, start + max_rows)
-            x_t = sample_x_t(kernel, x0_rows[rows], step_of_row[rows])
-            terms[rows] = step_term(kernel, reverse_log_probs, x0_rows[rows], x_t, step_of_row[rows])
-        stochastic = terms.view(replicates, len(steps), num).sum(1)  # (R, N)
-        return (closed_form_terms(kernel, x0) - stochastic).T
+        for start in range(0, total, max_rows):
+            row = torch.arange(start, min(start + max_rows, total), device=x0.device)
+            sequence, step, replicate = row % num, steps[(row // num) % len(steps)], row // (num * len(steps))
+            x_t = sample_x_t(kernel, x0[sequence], step)
+            terms = step_term(kernel, reverse_log_probs, x0[sequence], x_t, step)
+            stochastic.index_add_(0, replicate * num + sequence, terms.to(stochastic.dtype))
+        return (closed_form_terms(kernel, x0) - stochastic.view(replicates, num)).T
 
 
 def mean_and_standard_error(replicates, weights=None):

@@ -1,10 +1,16 @@
 """Building a model from its configuration, and saving / loading checkpoints atomically.
 
 A checkpoint is a dict holding the resolved configuration next to the weights, so it
-reloads without guessing how it was made.
+reloads without guessing how it was made.  It holds only tensors, numbers, strings and plain
+containers, and is read with ``torch.load(weights_only=True)``: a checkpoint from someone else
+cannot run code when it is loaded.  Format 2 adds nothing but that promise; format-1
+checkpoints that keep it load as well.
 """
 
+import errno
+import io
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -16,7 +22,9 @@ from .kernels import make_beta_tilde, make_kernel
 from .reverse import ReverseNet, ReverseProcess
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+REQUIRED_KEYS = ("config", "n", "model_state")
 
 
 def build_kernel(model_config, levels=2):
@@ -38,19 +46,34 @@ def build_process(model_config, n, levels=2):
 
 
 def save_atomically(payload, path):
-    """torch.save to a temporary file in the same directory, then rename over ``path``."""
+    """torch.save to a temporary file in the same directory, then rename over ``path``.
+
+    The payload is serialised in memory first, so that a full disk or a read-only directory
+    is an OSError of the write (a UserError naming the file) rather than torch's
+    "unexpected pos" from inside its zip writer; ``path`` keeps its previous content.
+    """
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    temporary = None
     try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
+            stream.write(buffer.getbuffer())
             stream.flush()
             os.fsync(stream.fileno())
         os.chmod(temporary, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary result file
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    except OSError as error:
+        raise UserError(f"{path}: cannot write checkpoint ({_reason(error)})") from None
+    finally:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+
+
+def _reason(error):
+    """An OSError -> its one-line reason, e.g. 'No space left on device'."""
+    return error.strerror or os.strerror(error.errno or errno.EIO)
 
 
 def checkpoint_path(path):
@@ -64,13 +87,25 @@ def checkpoint_path(path):
 
 
 def read_checkpoint(path):
+    """(checkpoint file, payload dict), loaded without running any code the file carries."""
     path = checkpoint_path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # a truncated or foreign file: any unpickling error
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "GLOBAL" not in str(error):  # not a Python object refused by weights_only: a foreign or broken file
+            raise UserError(f"{path}: not a readable checkpoint (UnpicklingError)") from None
+        raise UserError(f"{path}: checkpoint holds Python objects that could run code when loaded; refusing it "
+                        f"(bdiff_pyro checkpoints of format {' and '.join(map(str, READABLE_FORMATS))} "
+                        "hold only tensors, numbers, strings and containers)") from None
+    except Exception as error:  # a truncated or foreign file
         raise UserError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise UserError(f"{path}: not a bdiff_pyro checkpoint (format {FORMAT})")
+    version = payload.get("format") if isinstance(payload, dict) else None
+    if version not in READABLE_FORMATS:
+        raise UserError(f"{path}: not a bdiff_pyro checkpoint of format "
+                        f"{' or '.join(map(str, READABLE_FORMATS))} (format: {version!r})")
+    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    if missing:
+        raise UserError(f"{path}: checkpoint (format {version}) lacks {', '.join(missing)}")
     return path, payload
 
 
@@ -85,7 +120,26 @@ def process_from_checkpoint(path, payload):
     except RuntimeError as error:
         first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
         raise UserError(f"{path}: weights do not match the model its config describes ({first})") from None
+    problem = non_finite_model(process)
+    if problem:
+        raise UserError(f"{path}: {problem}; the run that wrote it diverged, it cannot be sampled or evaluated")
     return config, process
+
+
+def non_finite_model(process, probes=64):
+    """None for a usable model, else what is wrong: a weight that is inf or NaN, or a
+    log-probability that is NaN at x^t = all zeros / all ones, at up to ``probes`` evenly
+    spaced steps t (finite but huge weights give inf - inf inside the network)."""
+    for name, value in process.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return f"weight {name} is not finite"
+    times = torch.linspace(1, process.T, min(probes, process.T)).round().long().unique().tolist()
+    states = torch.stack([torch.zeros(process.n), torch.ones(process.n)]).to(process.kernel.log_pi)
+    with torch.no_grad():
+        for t in times:
+            if torch.isnan(process.log_probs(states, t)).any():
+                return f"the model's log-probabilities at step t = {t} are NaN"
+    return None
 
 
 def load_with_config(path):

@@ -4,6 +4,7 @@ Bad input (a UserError) prints one line ``bdiff: error: ...`` and exits with sta
 """
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -13,22 +14,69 @@ from .errors import UserError
 
 def cmd_train(args):
     from .config import load_config
-    from .train import new_run_dir, train
+    from .train import TrainingStopped, claim_run_dir, discard_run_dir, prepare_training, run_training
 
-    config = load_config(args.config, args.set)
+    if args.resume:
+        if args.out:
+            raise UserError(f"--out {args.out}: a resumed run stays in its directory (--resume {args.resume}); "
+                            "pass only --resume")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+        config = load_config(args.config or run_dir / "config.yaml", args.set)
+    elif args.config is None:
+        raise UserError("train needs a CONFIG file (or --resume RUN_DIR)")
+    else:
+        config = load_config(args.config, args.set)
     if args.seed is not None:
         config.seed = args.seed
+        config.validate("--seed")
+    setup = prepare_training(config, run_dir if args.resume else None)
     if args.resume:
-        run_dir = Path(args.resume)
-        if not run_dir.is_dir():
-            raise UserError(f"{run_dir}: --resume needs an existing run directory")
+        _check_writable(run_dir)
+        created = None
+        from .config import save_config
+        save_config(setup.config, run_dir / "config.yaml")
     else:
-        run_dir = new_run_dir(args.config, args.out)
+        run_dir, created = claim_run_dir(setup.config, args.config, args.out)
     print(f"run directory: {run_dir}")
-    metrics = train(config, run_dir, resume=bool(args.resume), progress=not args.quiet)
-    bound, samples = metrics["held_out"], metrics["samples"]
-    print(f"bound K on held-out data: {bound['elbo_bits']:.4f} ± {bound['se_bits']:.4f} bits/seq "
-          f"(training data: {metrics['train']['elbo_bits']:.4f} ± {metrics['train']['se_bits']:.4f})")
+    try:
+        metrics = run_training(setup, run_dir, progress=not args.quiet)
+    except BaseException as error:
+        from .checkpoints import CHECKPOINT_NAME
+        if created is None or (run_dir / CHECKPOINT_NAME).exists():
+            raise
+        discard_run_dir(run_dir, created)  # a start that failed leaves nothing behind
+        if isinstance(error, TrainingStopped):
+            raise TrainingStopped(f"{error}; removed {run_dir}", error.exit_code) from None
+        raise
+    print_final_report(metrics, setup.config, run_dir)
+
+
+def _check_writable(run_dir):
+    """--resume needs to write into the run directory: say so before training, not after."""
+    probe = run_dir / ".write-test"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"--resume {run_dir}: cannot write in the run directory ({error.strerror})") from None
+
+
+def print_final_report(metrics, config, run_dir):
+    """The end of a run: each K says which estimator, which data and how many replicates."""
+    def bound(report, data):
+        scored = (f"a seeded subsample of {report['subsample']} of its {report['sequences']} sequences"
+                  if report.get("subsample") else f"{report['sequences']} sequences")
+        return (f"{report['elbo_bits']:.4f} ± {report['se_bits']:.4f} bits/seq on the {data} ({scored}, "
+                f"{report['replicates']} replicates stratified over t)")
+
+    print(f"final K (ELBO in bits/seq, estimate ± standard error): {bound(metrics['held_out'], 'held-out data')}; "
+          f"{bound(metrics['train'], 'training data')}")
+    if config.evaluate.diagnose:
+        print("(the diagnostics' K above estimates the same held-out K from draws of its own, one replicate "
+              "per draw, ± its MCSE: the two differ by Monte Carlo error)")
+    samples = metrics["samples"]
     print(f"of {samples['num']} samples: {samples['train']:.2%} training sequences, "
           f"{samples['held_out']:.2%} held-out sequences, {samples['neither']:.2%} neither")
     if "pattern_fractions" in samples:
@@ -40,19 +88,21 @@ def cmd_train(args):
 def cmd_sample(args):
     from .checkpoints import load_with_config
     from .data import format_sequence
+    from .memory import iter_sample_batches
 
     if args.num < 1:
         raise UserError(f"-n must be at least 1 (got {args.num})")
     config, process = load_with_config(args.checkpoint)
-    samples = process.sample(args.num, seed=args.seed, steps=args.steps)
-    text = "\n".join(format_sequence(row, config.data.alphabet) for row in samples.tolist()) + "\n"
-    if args.out:
-        out = Path(args.out)
-        if out.exists() and not args.force:
-            raise UserError(f"{out}: file exists; pass --force to overwrite it")
-        out.write_text(text)
-    else:
-        sys.stdout.write(text)
+    if args.steps is not None:
+        process.stride_grid(args.steps)  # a bad --steps fails before any output
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.force:
+        raise UserError(f"{out}: file exists; pass --force to overwrite it")
+    # one batch in memory at a time, whatever -n is
+    batches = iter_sample_batches(process, args.num, seed=args.seed, steps=args.steps)
+    with (open(out, "w") if out is not None else contextlib.nullcontext(sys.stdout)) as stream:
+        for samples in batches:
+            stream.write("".join(format_sequence(row, config.data.alphabet) + "\n" for row in samples.tolist()))
 
 
 def cmd_evaluate(args):
@@ -99,9 +149,13 @@ def cmd_compare(args):
 
 def cmd_diagnose(args):
     from .diagnostics import DEFAULT_CHAINS, DEFAULT_DRAWS, diagnose
+    from .train import TrainingStopped
 
-    diagnose(args.run_dir, chains=args.chains or DEFAULT_CHAINS, draws=args.draws or DEFAULT_DRAWS,
-             seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+    try:
+        diagnose(args.run_dir, chains=args.chains or DEFAULT_CHAINS, draws=args.draws or DEFAULT_DRAWS,
+                 seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+    except KeyboardInterrupt:
+        raise TrainingStopped("interrupted; no diagnostics written", exit_code=130) from None
 
 
 def cmd_oracle(args):
@@ -133,9 +187,11 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="train a model from a config file")
-    p.add_argument("config", help="YAML config (see experiments/configs/)")
+    p.add_argument("config", nargs="?", help="YAML config (see experiments/configs/); with --resume, "
+                   "default: the run directory's config.yaml")
     p.add_argument("--out", help="run directory to create (default runs/<config>-<time>)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint "
+                   "(its config.yaml holds the earlier --set overrides)")
     p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry by dotted key, e.g. --set model.T=50")

@@ -108,11 +108,18 @@ class TrainConfig:
 class EvaluateConfig:
     num_samples: int = 10000  # samples whose membership (train / held-out / neither) is counted
     replicates: int = 8  # independent bound estimates per sequence, for the standard error
+    # the final K scores at most this many (t, x^0) rows per data set (about 4 minutes on one
+    # core for the default network): a larger set is scored on a seeded uniform subsample of
+    # max_rows / (replicates x T) sequences, its standard error counting the subsampling
+    # (null: every sequence, however long it takes)
+    max_rows: typing.Optional[int] = 20_000_000
     diagnose: bool = True  # run the ArviZ diagnostics (bdiff diagnose) at the end of training
 
     def validate(self, where):
         _at_least(where, "evaluate.num_samples", self.num_samples, 1)
         _at_least(where, "evaluate.replicates", self.replicates, 2)
+        if self.max_rows is not None:
+            _at_least(where, "evaluate.max_rows", self.max_rows, 1)
 
 
 @dataclass
@@ -127,6 +134,8 @@ class Config:
 
     def validate(self, where):
         _choice(where, "device", self.device, ("cpu", "cuda"))
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"{where}: seed must be in 0..2^32 - 1 (got {self.seed})")
         _at_least(where, "threads", self.threads, 0)
         for section in (self.data, self.model, self.train, self.evaluate):
             section.validate(where)

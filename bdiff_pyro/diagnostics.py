@@ -410,7 +410,8 @@ def summary_markdown(tree, table):
     percent = [c for c in table.columns if c.startswith("hdi")][0][3:-3]
     lines = [f"K = {k['mean']:.4f} ± {k['mcse_mean']:.4f} bits/seq (estimate ± MCSE; "
              f"ESS {k['ess_bulk']:.0f} of {attrs['chains'] * attrs['draws']} draws, R-hat {k['r_hat']:.3f}), "
-             f"{attrs['chains']} chains x {attrs['draws']} draws, seed {attrs['seed']}",
+             f"{attrs['chains']} chains x {attrs['draws']} draws, seed {attrs['seed']}; each draw one replicate "
+             f"stratified over t on {attrs['bound_sequences']} of the {attrs['held_out_sequences']} held-out sequences",
              "",
              f"| statistic | data | mean ± MCSE | sd | hdi{percent} | ess bulk | ess tail | r_hat |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

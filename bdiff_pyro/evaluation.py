@@ -1,29 +1,67 @@
 """What a trained model is judged by: the bound on data (bits/seq with a standard error)
 and where its samples fall (training set, held-out set, neither)."""
 
+import math
+
 import torch
+from tqdm.auto import tqdm
 
-from .bound import LN2, elbo_replicates, mean_and_standard_error, papers_K_fields
+from .bound import LN2, elbo_replicates, first_stochastic_step, mean_and_standard_error, papers_K_fields
+from .memory import rows_per_chunk
 
 
-def bound_report(process, x0, replicates=8, seed=0, distinct=False):
+def bound_report(process, x0, replicates=8, seed=0, distinct=False, max_sequences=None, progress=False):
     """The ELBO (and the paper's K, None where undefined: ``bound.papers_K_fields``) averaged
     over the sequences x0, in bits/seq, with their Monte Carlo standard error (stratified over
     t, ``replicates`` estimates per sequence).
 
     With ``distinct``, each distinct sequence is scored once and weighted by its count: the
     same average for a data set with repeats (heartbeat: 5 patterns), at a fraction of the cost.
+
+    With ``max_sequences`` and more sequences than that, the average is taken over a seeded
+    uniform subsample of ``max_sequences`` of them (without replacement) and the standard
+    error also counts the subsampling: se^2 = s^2 / m + se_MC^2, s^2 the sample variance of
+    the m per-sequence estimates (a slight overestimate: it also holds their Monte Carlo noise).
+
+    The rows are evaluated in chunks of bounded memory (``memory.rows_per_chunk``);
+    ``progress``, if a string, labels a progress bar over the replicates.
     """
     x0 = x0.to(process.kernel.log_pi.device)
-    weights = None
-    if distinct:
-        x0, counts = torch.unique(x0, dim=0, return_counts=True)
-        weights = counts / counts.sum()
+    total = len(x0)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        estimates = elbo_replicates(process.kernel, process.log_probs, x0, replicates)
+        subsampled = max_sequences is not None and total > max_sequences
+        if subsampled:
+            x0 = x0[torch.randperm(total)[:max_sequences].to(x0.device)]
+        weights, inverse = None, None
+        if distinct or subsampled:
+            x0, inverse, counts = torch.unique(x0, dim=0, return_inverse=True, return_counts=True)
+            weights = counts / counts.sum()
+        estimates = _replicates_in_chunks(process, x0, replicates, progress)
     elbo, se = mean_and_standard_error(estimates, weights)
-    return {"elbo_bits": elbo / LN2, **papers_K_fields(process.kernel, x0, elbo / LN2, weights), "se_bits": se / LN2}
+    if subsampled:
+        per_sequence = estimates.mean(1)[inverse]
+        se = math.sqrt(float(per_sequence.var()) / len(per_sequence) + se ** 2)
+    return {"elbo_bits": elbo / LN2, **papers_K_fields(process.kernel, x0, elbo / LN2, weights), "se_bits": se / LN2,
+            "sequences": total, "distinct_scored": len(x0), "replicates": replicates,
+            "subsample": max_sequences if subsampled else None}
+
+
+def _replicates_in_chunks(process, x0, replicates, progress=False):
+    """``bound.elbo_replicates`` (N, R), a few replicates per call so that one call's rows
+    fit in one chunk (at least one replicate per call; elbo_replicates chunks its rows too)."""
+    kernel = process.kernel
+    rows = rows_per_chunk(process.n, kernel.num_states, [layer.out_features for layer in
+                                                         [process.net.state_in, *process.net.hidden]])
+    steps = kernel.T + 1 - first_stochastic_step(kernel)
+    per_call = max(1, rows // (steps * len(x0)))
+    blocks = []
+    with tqdm(total=replicates, disable=not progress, desc=progress or None, unit="replicate", leave=False) as bar:
+        for start in range(0, replicates, per_call):
+            count = min(per_call, replicates - start)
+            blocks.append(elbo_replicates(kernel, process.log_probs, x0, count, max_rows=rows))
+            bar.update(count)
+    return torch.cat(blocks, dim=1)
 
 
 def _row_keys(x):

@@ -8,9 +8,12 @@ import contextlib
 import csv
 import json
 import math
+import shlex
+import shutil
 import signal
 import threading
 import time
+import typing
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -19,17 +22,19 @@ from pathlib import Path
 import pyro
 import pyro.optim
 import torch
+import yaml
 from pyro.infer import SVI
 from tqdm.auto import tqdm
 
 from . import plots
-from .bound import LN2, negative_elbo_estimate, uniform_step_proposal
+from .bound import LN2, first_stochastic_step, negative_elbo_estimate, uniform_step_proposal
 from .checkpoints import CHECKPOINT_NAME, FORMAT, build_process, read_checkpoint, save_atomically
 from .config import save_config
-from .data import load_dataset
+from .data import Dataset, load_dataset
 from .errors import UserError
 from .evaluation import bound_report, membership, pattern_histogram
 from .forward import forward_chain
+from .memory import require_memory, sample_in_batches, training_bytes
 
 
 class TrainingStopped(Exception):
@@ -138,19 +143,67 @@ def new_run_dir(config_path, out=None, root="runs"):
     runs/<config name>-<timestamp>[-k].  Never reuses an existing run's directory."""
     if out is not None:
         out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out}: exists and is not a directory")
         if out.exists() and any(out.iterdir()):
             raise UserError(f"{out}: directory exists and is not empty; refusing to overwrite an earlier run")
-        out.mkdir(parents=True, exist_ok=True)
+        _make_directory(out, exist_ok=True, flag="--out")
         return out
     stem = f"{Path(config_path).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     for k in range(1, 1000):
         candidate = Path(root) / (stem if k == 1 else f"{stem}-{k}")
-        try:
-            candidate.mkdir(parents=True)
+        if _make_directory(candidate, exist_ok=False, flag="the run directory"):
             return candidate
-        except FileExistsError:
-            continue
     raise UserError(f"{root}: cannot find a free run directory name for {stem}")
+
+
+def _make_directory(path, exist_ok, flag):
+    """mkdir -p; False if ``path`` exists and not ``exist_ok``; a UserError if it cannot be made."""
+    try:
+        path.mkdir(parents=True, exist_ok=exist_ok)
+        return True
+    except FileExistsError:
+        if path.is_dir():
+            return False
+        raise UserError(f"{flag} {path}: exists and is not a directory") from None
+    except OSError as error:
+        raise UserError(f"{flag} {path}: cannot create directory ({error.strerror})") from None
+
+
+def claim_run_dir(config, config_path, out=None, root="runs"):
+    """Create the run directory and, in it, config.yaml with exclusive creation: of two runs
+    started with the same ``--out``, exactly one gets it, the other stops before writing.
+    Returns (run directory, whether this call created the directory itself)."""
+    if out is not None and Path(out).is_dir():
+        created = False
+        run_dir = new_run_dir(config_path, out, root)
+    else:
+        created = True
+        run_dir = new_run_dir(config_path, out, root)
+    try:
+        with open(run_dir / "config.yaml", "x") as stream:
+            stream.write(config_text(config))
+    except FileExistsError:
+        raise UserError(f"{run_dir}: another run has just claimed this directory; refusing to share it") from None
+    except OSError as error:
+        discard_run_dir(run_dir, created)
+        raise UserError(f"{run_dir}: cannot write config.yaml ({error.strerror})") from None
+    return run_dir, created
+
+
+def discard_run_dir(run_dir, created):
+    """Undo a run that failed before its first checkpoint: remove what it wrote (everything in
+    the directory it claimed empty) and the directory itself if it created it."""
+    run_dir = Path(run_dir)
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for path in run_dir.iterdir():
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def config_text(config):
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
 def resolve_config(config, dataset):
@@ -163,14 +216,44 @@ def resolve_config(config, dataset):
     return config
 
 
+# What a resumed run cannot change: the model and data (the weights are theirs), the
+# optimiser's settings (they live in its saved state, and lr / lr_final also fix the learning-
+# rate schedule), the weight average and the seed (the random stream continues from the
+# checkpoint).  ``train.steps`` may grow or shrink: the learning rate then decays from its
+# current value to lr_final at the new last step.
+FIXED_ON_RESUME = ("train.lr", "train.lr_final", "train.clip_norm", "train.ema", "seed")
+
+
 def _check_resumable(config, saved, where):
-    """The model and data of a resumed run must be those its checkpoint was trained with."""
+    """A resumed run must use the model, data, optimiser settings and seed its checkpoint was
+    trained with; anything else would be recorded in config.yaml without being used."""
     current = config.to_dict()
-    for section in ("data", "model"):
-        for key, value in saved[section].items():
-            if current[section][key] != value:
-                raise UserError(f"{where}: checkpoint was trained with {section}.{key}={value!r}, "
-                                f"but the config says {current[section][key]!r}")
+    keys = [f"{section}.{key}" for section in ("data", "model") for key in saved[section]] + list(FIXED_ON_RESUME)
+    for dotted in keys:
+        was, now = _lookup(saved, dotted), _lookup(current, dotted)
+        if was is not _MISSING and was != now:
+            raise UserError(f"{where}: checkpoint was trained with {dotted}={was!r}, but the config says {now!r}; "
+                            f"a resumed run keeps {dotted} (start a new run to change it)")
+
+
+_MISSING = object()
+
+
+def _lookup(tree, dotted):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+def _reschedule(optim_state, lr_final, steps_left):
+    """The saved optimiser state with its learning-rate decay set so that the current rate
+    reaches lr_final after ``steps_left`` more steps: lrd = (lr_final / lr_now)^(1/steps_left)."""
+    for state in optim_state.values():
+        for group in state["param_groups"]:
+            group["lrd"] = (lr_final / group["lr"]) ** (1.0 / steps_left)
+    return optim_state
 
 
 class _InterruptFlag:
@@ -196,15 +279,51 @@ class _InterruptFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def train(config, run_dir, resume=False, progress=True, log=print):
-    """Train (or resume) the run in ``run_dir``; returns its final metrics dict."""
-    run_dir = Path(run_dir)
+@dataclass
+class TrainingSetup:
+    """Everything a run needs that can fail on bad input, checked before anything is written."""
+    config: object  # the resolved Config
+    dataset: Dataset
+    resume_from: typing.Optional[Path] = None  # the checkpoint file of a resumed run
+    payload: typing.Optional[dict] = None  # its contents
+
+
+def prepare_training(config, resume_dir=None):
+    """Load the data, resolve the config, check the device and the memory the run needs, and
+    (resuming) read the checkpoint and check that it matches: a bad input stops here, before
+    a run directory exists."""
     dataset = load_dataset(config.data)
     config = resolve_config(config, dataset)
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
         raise UserError("device: cuda requested but no CUDA device is available")
+    levels = config.data.levels + (config.model.kernel == "absorbing")  # the mask state
+    require_memory(training_bytes(config.model, dataset.n, levels, config.train.batch_size,
+                                  max(config.evaluate.num_samples, config.train.eval_samples)),
+                   f"training with model.T = {config.model.T}, model.hidden = {config.model.hidden} and "
+                   f"train.batch_size = {config.train.batch_size} on sequences of length n = {dataset.n}")
+    setup = TrainingSetup(config, dataset)
+    if resume_dir is not None:
+        setup.resume_from, setup.payload = read_checkpoint(resume_dir)
+        _check_resumable(config, setup.payload["config"], setup.resume_from)
+    return setup
 
+
+def train(config, run_dir, resume=False, progress=True, log=print):
+    """Train (or resume) the run in ``run_dir``; returns its final metrics dict."""
+    setup = prepare_training(config, Path(run_dir) if resume else None)
+    save_config(setup.config, Path(run_dir) / "config.yaml")
+    return run_training(setup, run_dir, progress=progress, log=log)
+
+
+def run_training(setup, run_dir, progress=True, log=print):
+    """The training loop of a prepared run whose directory holds its config.yaml.
+
+    A checkpoint is written only from finite weights whose loss, estimated on a minibatch, is
+    finite: a run that diverges keeps the last sound checkpoint and says which step it holds.
+    """
+    run_dir = Path(run_dir)
+    config, dataset, payload = setup.config, setup.dataset, setup.payload
+    device = torch.device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     pyro.clear_param_store()  # PyroModule parameters are registered in the global store
@@ -217,37 +336,57 @@ def train(config, run_dir, resume=False, progress=True, log=print):
     })
     state = TrainingState()
     average = WeightAverage(process, config.train.ema) if config.train.ema > 0 else None
-    if resume:
-        where, payload = read_checkpoint(run_dir)
-        _check_resumable(config, payload["config"], where)
+    last_saved = None  # the step the checkpoint on disk holds
+    if payload is not None:
         weights = lambda key: {k: v for k, v in payload[key].items() if not k.startswith("kernel.")}  # noqa: E731
         process.load_state_dict(weights("model_state"))
         if average is not None:  # the checkpoint's model is the average; training resumes from the raw weights
             average = WeightAverage(process, config.train.ema)
             process.load_state_dict(weights("raw_model_state"))
-        optim.set_state(payload["optim_state"])
         state = TrainingState(**payload["state"])
+        optim_state = payload["optim_state"]
+        if payload["config"]["train"]["steps"] != config.train.steps and state.step < config.train.steps:
+            optim_state = _reschedule(optim_state, config.train.lr_final, config.train.steps - state.step)
+        optim.set_state(optim_state)
         torch.set_rng_state(payload["rng_state"])
+        last_saved = state.step
         log(f"resuming {run_dir} at step {state.step}")
-    save_config(config, run_dir / "config.yaml")
 
-    train_x, val_x = dataset.train.to(device), dataset.val.to(device)
+    train_x = dataset.train.to(device)
     loss = AnalyticLoss(process.T, importance=config.train.t_sampling == "importance")
-    if resume and "loss_state" in payload:
+    if payload is not None and "loss_state" in payload:
         loss.load_state_dict(payload["loss_state"])
     svi = SVI(process, partial(forward_chain, process.kernel), optim, loss=loss)
+    checkpoint = run_dir / CHECKPOINT_NAME
 
     def averaged():
         return average.applied(process) if average is not None else contextlib.nullcontext()
 
+    def diverged(what):
+        kept = (f"the last checkpoint with finite weights and loss is {checkpoint}, from step {last_saved}"
+                if last_saved is not None else "no checkpoint was written")
+        return TrainingStopped(f"training diverged at step {state.step} ({what}); {kept}; "
+                               "lower train.lr or train.clip_norm", exit_code=1)
+
+    def check_sound(batch):
+        """Before the weights are evaluated or saved: finite, with a finite loss."""
+        problem = unsound_weights(process, batch)
+        if problem is None and average is not None:
+            with averaged():
+                problem = unsound_weights(process, batch, "averaged ")
+        if problem is not None:
+            raise diverged(problem)
+
     def save():
+        nonlocal last_saved
         payload = {"format": FORMAT, "config": config.to_dict(), "n": dataset.n, "optim_state": optim.get_state(),
                    "state": vars(state), "rng_state": torch.get_rng_state(), "loss_state": loss.state_dict()}
         if average is not None:
             payload["raw_model_state"] = _copy(process.state_dict())
         with averaged():
             payload["model_state"] = _copy(process.state_dict())
-        save_atomically(payload, run_dir / CHECKPOINT_NAME)
+        save_atomically(payload, checkpoint)
+        last_saved = state.step
 
     started = time.perf_counter() - state.wall_time
     losses = []
@@ -255,40 +394,101 @@ def train(config, run_dir, resume=False, progress=True, log=print):
     with _InterruptFlag() as interrupt, bar:
         while state.step < config.train.steps:
             batch = train_x[torch.randint(len(train_x), (config.train.batch_size,), device=device)]
-            value = svi.step(batch)
-            if not math.isfinite(value):
-                raise TrainingStopped(
-                    f"training diverged at step {state.step + 1} (loss {value}); the last good checkpoint "
-                    f"is {run_dir / CHECKPOINT_NAME} (if one was written); lower train.lr or train.clip_norm",
-                    exit_code=1)
-            if average is not None:
-                average.update(process, state.step)
+            try:
+                value = svi.step(batch)
+            except (RuntimeError, MemoryError) as error:
+                if not _out_of_memory(error):
+                    raise
+                raise UserError(f"out of memory at training step {state.step + 1}; lower train.batch_size, "
+                                "model.hidden or model.T") from None
             state.step += 1
+            if not math.isfinite(value):
+                raise diverged(f"loss {value}")
+            problem = non_finite_weight(process)
+            if problem is not None:
+                raise diverged(problem)
+            if average is not None:
+                average.update(process, state.step - 1)
             losses.append(value / LN2)
             bar.update(1)
-            if state.step % config.train.eval_every == 0 or state.step == config.train.steps:
+            last = state.step == config.train.steps
+            evaluating = state.step % config.train.eval_every == 0 or last
+            interrupted = interrupt.raised
+            saving = state.step % config.train.checkpoint_every == 0 or last or interrupted
+            if evaluating or saving:
+                check_sound(batch)
+            if evaluating:
                 with averaged():
                     row = _evaluate_during_training(process, dataset, config, state, losses, optim)
+                if not math.isfinite(row["val_elbo_bits"]):
+                    raise diverged(f"held-out K is {row['val_elbo_bits']}")
                 row["elapsed_s"] = time.perf_counter() - started
                 state.history.append(row)
                 losses = []
                 bar.set_postfix(loss=f"{row['loss_bits']:.3f}", val=f"{row['val_elbo_bits']:.3f}")
-            if state.step % config.train.checkpoint_every == 0 or state.step == config.train.steps:
+            if saving:
                 state.wall_time = time.perf_counter() - started
                 save()
-            if interrupt.raised:
-                state.wall_time = time.perf_counter() - started
-                save()
+            if interrupted:
                 raise TrainingStopped(
-                    f"interrupted at step {state.step}; checkpoint saved to {run_dir / CHECKPOINT_NAME}; "
-                    f"continue with: bdiff train CONFIG --resume {run_dir}", exit_code=130)
+                    f"interrupted at step {state.step}; checkpoint saved to {checkpoint}; "
+                    f"continue with: {resume_command(run_dir)}", exit_code=130)
     state.wall_time = time.perf_counter() - started
-    with averaged():
-        metrics = finish_run(process, dataset, config, state, run_dir)
-    if config.evaluate.diagnose:
-        from .diagnostics import diagnose
-        diagnose(run_dir, seed=config.seed, progress=progress, log=log)
+    return finish_training(process, averaged, dataset, config, state, run_dir, progress, log)
+
+
+def resume_command(run_dir):
+    """The command that continues the run in ``run_dir`` (its config.yaml holds every --set)."""
+    return f"bdiff train --resume {shlex.quote(str(run_dir))}"
+
+
+def finish_training(process, averaged, dataset, config, state, run_dir, progress, log):
+    """The final evaluation and diagnostics of a run whose checkpoint is written: a failure or
+    a Ctrl-C here stops with a message saying how to evaluate the checkpoint, never with the
+    training lost."""
+    how = (f"bdiff evaluate {shlex.quote(str(run_dir))} {shlex.quote(config.data.val)}" if config.data.val
+           else f"bdiff diagnose {shlex.quote(str(run_dir))}")
+    kept = f"the trained model (step {state.step}) is in {run_dir / CHECKPOINT_NAME}; evaluate it with: {how}"
+    try:
+        with averaged():
+            metrics = finish_run(process, dataset, config, state, run_dir, progress=progress)
+        if config.evaluate.diagnose:
+            from .diagnostics import diagnose
+            diagnose(run_dir, seed=config.seed, progress=progress, log=log)
+    except KeyboardInterrupt:
+        raise TrainingStopped(f"interrupted during the final evaluation; {kept}", exit_code=130) from None
+    except (UserError, OSError, RuntimeError, MemoryError) as error:
+        reason = (str(error).splitlines() or [""])[0]
+        raise TrainingStopped(f"training finished but the final evaluation failed ({type(error).__name__}: "
+                              f"{reason}); {kept}", exit_code=1) from error
     return metrics
+
+
+def non_finite_weight(process):
+    """None if every weight is finite, else which is not."""
+    for name, value in process.named_parameters():
+        if not torch.isfinite(value).all():
+            return f"weight {name} is not finite after this update"
+    return None
+
+
+def unsound_weights(process, batch, which=""):
+    """None when every weight is finite and the loss estimate at these weights on ``batch`` is
+    finite, else what is wrong.  Finite but huge weights (an lr of 1e38) pass the first test
+    and fail the second; the estimate draws from a forked RNG, so the training stream is the
+    same with or without this check."""
+    problem = non_finite_weight(process)
+    if problem is not None:
+        return which + problem
+    with torch.random.fork_rng(), torch.no_grad():
+        estimates, _, _ = negative_elbo_estimate(process.kernel, process.log_probs, batch)
+    if not torch.isfinite(estimates).all():
+        return f"the loss at the {which}weights after this update is not finite"
+    return None
+
+
+def _out_of_memory(error):
+    return isinstance(error, MemoryError) or "can't allocate memory" in str(error) or "out of memory" in str(error).lower()
 
 
 def _copy(state_dict):
@@ -303,7 +503,7 @@ def _current_lr(optim):
 def _evaluate_during_training(process, dataset, config, state, losses, optim):
     process.eval()
     report = bound_report(process, dataset.val[: config.train.eval_sequences], replicates=2, seed=state.step)
-    samples = process.sample(config.train.eval_samples, seed=config.seed)
+    samples = sample_in_batches(process, config.train.eval_samples, seed=config.seed)
     process.train()
     fractions = membership(samples, dataset.train, dataset.val)
     state.snapshots.append((state.step, samples[:32].to(torch.uint8).cpu()))
@@ -313,13 +513,18 @@ def _evaluate_during_training(process, dataset, config, state, losses, optim):
             "frac_neither": fractions["neither"], "lr": _current_lr(optim)}
 
 
-def finish_run(process, dataset, config, state, run_dir):
-    """Final metrics, history and plots of a run."""
+def finish_run(process, dataset, config, state, run_dir, progress=False):
+    """Final metrics, history and plots of a run (history.csv first: it needs no evaluation)."""
+    _write_history(state.history, run_dir / "history.csv")
     process.eval()
-    train_bound = bound_report(process, dataset.train, config.evaluate.replicates, seed=config.seed, distinct=True)
-    val_bound = bound_report(process, dataset.val, config.evaluate.replicates, seed=config.seed + 1, distinct=True)
+    evaluate = config.evaluate
+    max_sequences = final_sequences(evaluate.max_rows, evaluate.replicates, process.kernel)
+    train_bound = bound_report(process, dataset.train, evaluate.replicates, seed=config.seed, distinct=True,
+                               max_sequences=max_sequences, progress=progress and "K on training data")
+    val_bound = bound_report(process, dataset.val, evaluate.replicates, seed=config.seed + 1, distinct=True,
+                             max_sequences=max_sequences, progress=progress and "K on held-out data")
     started = time.perf_counter()
-    samples = process.sample(config.evaluate.num_samples, seed=config.seed)
+    samples = sample_in_batches(process, evaluate.num_samples, seed=config.seed)
     sampling_seconds = time.perf_counter() - started
     metrics = {
         "train": train_bound, "held_out": val_bound,
@@ -331,12 +536,20 @@ def finish_run(process, dataset, config, state, run_dir):
     if dataset.support is not None:
         metrics["samples"]["pattern_fractions"] = pattern_histogram(samples, dataset.support)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
-    _write_history(state.history, run_dir / "history.csv")
     plots.bound_curve(state.history, run_dir / "bound_curve.png")
     plots.membership_curve(state.history, run_dir / "proportions.png")
     plots.sample_grid(samples[:64].cpu(), run_dir / "samples.png")
     plots.sample_evolution_gif(state.snapshots, run_dir / "sample_evolution.gif")
     return metrics
+
+
+def final_sequences(max_rows, replicates, kernel):
+    """How many sequences the final K scores at most: max(2, max_rows / (replicates x steps)),
+    steps the stochastic steps of the bound (None: all)."""
+    if max_rows is None:
+        return None
+    steps = kernel.T + 1 - first_stochastic_step(kernel)
+    return max(2, max_rows // (replicates * steps))
 
 
 def _write_history(history, path):
