@@ -15,7 +15,6 @@ evaluating.
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -116,7 +115,7 @@ def run_dataset(dataset, data, config, seed, log):
     log(f"{dataset}: independent bits {rows[-1]['test_nll']:.3f} nats")
 
     mix = config["mixture"]
-    (model, table), seconds = timed(lambda: select_mixture(
+    (model, _validation_table), seconds = timed(lambda: select_mixture(
         train, valid, components=mix["components"], alphas=mix["alphas"], restarts=mix["restarts"],
         max_iter=mix["max_iter"], seed=seed, log=log))
     rows.append(evaluate("mixture of Bernoullis", model, test, seconds,
@@ -132,7 +131,7 @@ def run_dataset(dataset, data, config, seed, log):
     made = config["made"]
     hidden_grid = made["hidden_grid"] or [[train.shape[1]]]  # hidden layers must be at least as wide as the input
     for name, masks in (("MADE (one mask)", 1), ("MADE (mask ensemble)", made["masks"])):
-        model, seconds = timed(lambda: MADE.fit(
+        model, seconds = timed(lambda masks=masks: MADE.fit(
             train, valid, hidden_grid=hidden_grid, weight_decays=made["weight_decays"], num_orderings=masks, max_epochs=made["max_epochs"],
             patience=made["patience"], skip_connections=True, seed=seed, log=log))
         chosen = next(row for row in model.selection if row["hidden"] == list(model.hidden))
@@ -208,9 +207,10 @@ def main(argv=None):
     machine = machine_description()
     command = " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(
         ["baselines.py", *argv])
-    header = [f"machine: {machine['platform']}, {machine['cpu_count']} CPUs, python {machine['python']}, "
-              f"torch {machine['torch']}, {machine['torch_threads']} torch thread(s), "
-              f"OMP_NUM_THREADS={machine['OMP_NUM_THREADS']}", f"command: {command}"]
+    machine_line = (f"machine: {machine['platform']}, {machine['cpu_count']} CPUs, python {machine['python']}, "
+                    f"torch {machine['torch']}, {machine['torch_threads']} torch thread(s), "
+                    f"OMP_NUM_THREADS={machine['OMP_NUM_THREADS']}")
+    header = [machine_line, f"command: {command}"]
     for line in header:
         print(line, flush=True)
 
