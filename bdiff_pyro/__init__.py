@@ -12,7 +12,14 @@ p(x^0 | x^1).  Logs are natural in code; users see bits.
     m.sample(10, seed=0)
 """
 
-from .checkpoints import load
-
 __all__ = ["load"]
 __version__ = "0.1.0"
+
+
+def load(path):
+    """A run directory or checkpoint file -> its ReverseProcess in eval mode (see
+    ``bdiff_pyro.checkpoints.load``; imported here on first use, so that ``import bdiff_pyro``
+    and the command line start without torch)."""
+    from .checkpoints import load as load_checkpoint
+
+    return load_checkpoint(path)

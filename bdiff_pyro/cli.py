@@ -1,20 +1,27 @@
 """The ``bdiff`` command: parses, calls the library, prints.
 
-Bad input (a UserError) prints one line ``bdiff: error: ...`` and exits with status 2.
+Bad input (a UserError, or arguments argparse rejects) prints one line ``bdiff: error: ...``
+and exits with status 2; a warning prints one line ``bdiff: warning: ...``.  Arguments and
+configs are checked before torch and Pyro are imported (seconds), so a typo fails at once.
 """
 
 import argparse
-import contextlib
 import json
+import os
+import shutil
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
-from .errors import UserError
+from .config import MAX_SEED  # config.py imports YAML, not torch
+from .errors import TrainingStopped, UserError
+
+SAMPLE_BATCH_ELEMENTS = 2 ** 20  # bdiff sample draws and writes batches of about this many positions
 
 
 def cmd_train(args):
     from .config import load_config
-    from .train import TrainingStopped, claim_run_dir, discard_run_dir, prepare_training, run_training
 
     if args.resume:
         if args.out:
@@ -31,6 +38,8 @@ def cmd_train(args):
     if args.seed is not None:
         config.seed = args.seed
         config.validate("--seed")
+    from .train import claim_run_dir, discard_run_dir, prepare_training, run_training
+
     setup = prepare_training(config, run_dir if args.resume else None)
     if args.resume:
         _check_writable(run_dir)
@@ -77,45 +86,135 @@ def print_final_report(metrics, config, run_dir):
         print("(the diagnostics' K above estimates the same held-out K from draws of its own, one replicate "
               "per draw, ± its MCSE: the two differ by Monte Carlo error)")
     samples = metrics["samples"]
-    print(f"of {samples['num']} samples: {samples['train']:.2%} training sequences, "
-          f"{samples['held_out']:.2%} held-out sequences, {samples['neither']:.2%} neither")
+    print(sample_summary(samples))
     if "pattern_fractions" in samples:
         print("pattern fractions: " + " ".join(f"{f:.3f}" for f in samples["pattern_fractions"]))
     print(f"trained {metrics['steps']} steps in {metrics['wall_time_s']:.1f} s; "
           f"metrics, plots and checkpoint in {run_dir}/")
 
 
-def cmd_sample(args):
-    from .checkpoints import load_with_config
-    from .data import format_sequence
-    from .memory import iter_sample_batches
+def sample_summary(samples):
+    """One line on where the samples fall; "no held-out patterns" where the held-out set adds
+    none to the training set (heartbeat data), instead of a held-out fraction that is always 0."""
+    held_out = (f"{samples['held_out']:.2%} held-out sequences" if samples.get("held_out_patterns", 1) > 0
+                else "no held-out patterns (the held-out set is the training set)")
+    return (f"of {samples['num']} samples: {samples['train']:.2%} training sequences, {held_out}, "
+            f"{samples['neither']:.2%} neither")
 
-    if args.num < 1:
-        raise UserError(f"-n must be at least 1 (got {args.num})")
+
+def cmd_sample(args):
+    out = check_output_file(args.out, args.force) if args.out else None
+    from .checkpoints import load_with_config
+
     config, process = load_with_config(args.checkpoint)
+    use_threads(config)
     if args.steps is not None:
-        process.stride_grid(args.steps)  # a bad --steps fails before any output
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and not args.force:
+        process.stride_grid(args.steps)  # refuses a bad --steps before anything is written
+    batches = sample_batches(process, args.num, seed=args.seed, steps=args.steps)
+    lines = (format_lines(batch, config.data.alphabet) for batch in batches)
+    if out is None:
+        write_to_stdout(lines)
+        return
+    line_bytes = process.n + 1
+    free = shutil.disk_usage(out.parent).free
+    if args.num * line_bytes > free:
+        raise UserError(f"{out}: {args.num} samples need {_size(args.num * line_bytes)} "
+                        f"({line_bytes} bytes a line) but {out.parent} has {_size(free)} free")
+    write_atomically(out, lines)
+
+
+def use_threads(config):
+    """torch's CPU threads as the config says (as training does; 0 keeps torch's default)."""
+    import torch
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+
+
+def check_output_file(path, force):
+    """The --out file of ``bdiff sample``, checked before anything is computed."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory; --out needs a file name")
+    if not out.parent.is_dir():
+        raise UserError(f"{out}: directory {out.parent} does not exist")
+    if out.exists() and not force:
         raise UserError(f"{out}: file exists; pass --force to overwrite it")
-    # one batch in memory at a time, whatever -n is
-    batches = iter_sample_batches(process, args.num, seed=args.seed, steps=args.steps)
-    with (open(out, "w") if out is not None else contextlib.nullcontext(sys.stdout)) as stream:
-        for samples in batches:
-            stream.write("".join(format_sequence(row, config.data.alphabet) + "\n" for row in samples.tolist()))
+    return out
+
+
+def sample_batches(process, num, seed=None, steps=None):
+    """``num`` samples as a sequence of (rows, n) tensors, at most ``SAMPLE_BATCH_ELEMENTS /
+    n`` rows each, so that any ``num`` takes bounded memory.  One random stream under
+    ``seed``: when one batch holds them all, the samples are ``process.sample(num, seed)``."""
+    import torch
+
+    rows = max(1, SAMPLE_BATCH_ELEMENTS // process.n)
+    with torch.random.fork_rng():
+        if seed is not None:
+            torch.manual_seed(seed)
+        for start in range(0, num, rows):
+            yield process.sample(min(rows, num - start), steps=steps)
+
+
+def format_lines(samples, alphabet):
+    from .data import format_sequence
+
+    return "".join(format_sequence(row, alphabet) + "\n" for row in samples.tolist())
+
+
+def write_to_stdout(chunks):
+    try:
+        for chunk in chunks:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except BrokenPipeError:  # e.g. bdiff sample ... | head: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def write_atomically(path, chunks):
+    """Write the text chunks to a temporary file beside ``path``, then rename it over
+    ``path``: an error or Ctrl-C leaves no partial file."""
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise UserError(f"{path}: cannot write here ({error.strerror})") from None
+    try:
+        with os.fdopen(handle, "w") as stream:
+            for chunk in chunks:
+                stream.write(chunk)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; the samples are an ordinary file
+        os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({error.strerror})") from None
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _size(num_bytes):
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if num_bytes < 1000 or unit == "TB":
+            return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
 
 
 def cmd_evaluate(args):
+    data = Path(args.data)
+    if not data.is_file():
+        raise UserError(f"{data}: cannot read data file ({'a directory' if data.is_dir() else 'no such file'})")
     from .checkpoints import load_with_config
     from .data import read_sequences
     from .evaluation import bound_report
 
     config, process = load_with_config(args.checkpoint)
+    use_threads(config)
     x0 = read_sequences(args.data, config.data.levels, config.data.alphabet)
     if x0.shape[1] != process.n:
         raise UserError(f"{args.data}: sequences of length {x0.shape[1]}, but the model has n = {process.n}")
-    if args.replicates < 2:
-        raise UserError(f"--replicates must be at least 2 for a standard error (got {args.replicates})")
     report = bound_report(process, x0, replicates=args.replicates, seed=args.seed)
     papers_K = report.get("K_undefined") or f"paper's K without pi correction: {report['K_bits']:.4f}"
     print(f"K = {report['elbo_bits']:.4f} ± {report['se_bits']:.4f} bits/seq "
@@ -126,7 +225,7 @@ def cmd_evaluate(args):
 
         report["exact_log_likelihood_bits"] = float(exact_log_likelihood(process.double(), x0.double()).mean()) / LN2
         print(f"exact log p(x^0) = {report['exact_log_likelihood_bits']:.4f} bits/seq (enumerated)")
-    if args.importance:
+    if args.importance is not None:
         from .bound import LN2
         from .enumerate import importance_log_likelihood
 
@@ -148,25 +247,25 @@ def cmd_compare(args):
 
 
 def cmd_diagnose(args):
-    from .diagnostics import DEFAULT_CHAINS, DEFAULT_DRAWS, diagnose
-    from .train import TrainingStopped
+    from .diagnostics import diagnose
 
     try:
-        diagnose(args.run_dir, chains=args.chains or DEFAULT_CHAINS, draws=args.draws or DEFAULT_DRAWS,
-                 seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+        diagnose(args.run_dir, chains=args.chains, draws=args.draws, seed=args.seed, overwrite=args.overwrite,
+                 progress=not args.quiet)
     except KeyboardInterrupt:
         raise TrainingStopped("interrupted; no diagnostics written", exit_code=130) from None
 
 
 def cmd_oracle(args):
     from .config import load_config
+
+    config = load_config(args.config, args.set)
     from .oracle import oracle_main
 
-    if args.samples < 0:
-        raise UserError(f"--samples must be at least 0 (got {args.samples})")
-    config = load_config(args.config, args.set)
+    use_threads(config)
     report = oracle_main(config, replicates=args.replicates, seed=args.seed,
-                         exact=False if args.monte_carlo else "auto", samples=args.samples)
+                         exact=False if args.monte_carlo else "auto", samples=args.samples,
+                         progress=not args.quiet)
     se = f" ± {report['se_bits']:.4f}" if report.get("se_bits") else " (exact)"
     pi_1 = f", pi_1 = {report['pi_1']:g}" if report["pi_1"] is not None else ""  # two-state kernels only
     print(f"oracle K* = {report['elbo_bits']:.4f}{se} bits/seq for T = {report['T']}, schedule {report['schedule']}"
@@ -182,74 +281,127 @@ def cmd_oracle(args):
         print(json.dumps(report, default=str, allow_nan=False))
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="bdiff", description="Discrete (Bernoulli) diffusion as Pyro programs.")
-    commands = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's one-line errors (argparse prints the usage first)."""
 
-    p = commands.add_parser("train", help="train a model from a config file")
+    def error(self, message):
+        self.exit(2, f"bdiff: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in its help, unless there is none."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def at_least(minimum):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum} (got {value})")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def seed(text):
+    """An argparse type: a seed in 0..MAX_SEED."""
+    value = at_least(0)(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED} (got {value})")
+    return value
+
+
+def build_parser():
+    parser = _Parser(prog="bdiff", description="Discrete (Bernoulli) diffusion as Pyro programs.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help):
+        return commands.add_parser(name, help=help, description=help, formatter_class=_Formatter)
+
+    p = command("train", "train a model from a config file")
     p.add_argument("config", nargs="?", help="YAML config (see experiments/configs/); with --resume, "
                    "default: the run directory's config.yaml")
     p.add_argument("--out", help="run directory to create (default runs/<config>-<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint "
                    "(its config.yaml holds the earlier --set overrides)")
-    p.add_argument("--seed", type=int, help="override the config's seed")
+    p.add_argument("--seed", type=seed, help="override the config's seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry by dotted key, e.g. --set model.T=50")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = commands.add_parser("sample", help="draw samples from a trained model")
+    p = command("sample", "draw samples from a trained model (lines of 0/1)")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR")
-    p.add_argument("-n", "--num", type=int, required=True, help="number of samples")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", help="write lines of 0/1 here instead of standard output")
+    p.add_argument("-n", "--num", type=at_least(1), required=True, help="number of samples")
+    p.add_argument("--seed", type=seed, help="random seed (default: unseeded, different every time)")
+    p.add_argument("--out", help="write the samples to this file instead of standard output")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--steps", type=int, help="strided sampling with this many network evaluations (x0 models)")
+    p.add_argument("--steps", type=at_least(1),
+                   help="strided sampling with this many network evaluations (x0 models; default: all T steps)")
     p.set_defaults(func=cmd_sample)
 
-    p = commands.add_parser("evaluate", help="the bound K on a data file, in bits/seq")
+    p = command("evaluate", "the bound K on a data file, in bits/seq")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR")
     p.add_argument("data", metavar="DATA_FILE", help="0/1 text lines or a .npy array")
-    p.add_argument("--replicates", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replicates", type=at_least(2), default=8,
+                   help="independent estimates of the bound per sequence, for its standard error")
+    p.add_argument("--seed", type=seed, default=0, help="random seed of the estimates")
     p.add_argument("--exact", action="store_true", help="also the exact log-likelihood (small n only)")
-    p.add_argument("--importance", type=int, metavar="S", help="also log p(x^0) by importance sampling, S trajectories")
+    p.add_argument("--importance", type=at_least(1), metavar="S",
+                   help="also log p(x^0) by importance sampling, S trajectories per sequence")
     p.add_argument("--json", action="store_true", help="also print the figures as JSON")
     p.set_defaults(func=cmd_evaluate)
 
-    p = commands.add_parser("diagnose", help="ArviZ diagnostics of a trained run: R-hat, ESS, MCSE, plots")
+    p = command("diagnose", "ArviZ diagnostics of a trained run: R-hat, ESS, MCSE, plots")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--chains", type=int, help="independent sampling runs (default 4)")
-    p.add_argument("--draws", type=int, help="draws per chain")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chains", type=at_least(2), default=4,
+                   help="independent sampling runs (R-hat compares them)")
+    p.add_argument("--draws", type=at_least(10), default=250, help="draws per chain")
+    p.add_argument("--seed", type=seed, default=0, help="random seed of the chains")
     p.add_argument("--overwrite", action="store_true", help="replace diagnostics.nc instead of writing diagnostics-2.nc")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_diagnose)
 
-    p = commands.add_parser("oracle", help="the best possible K for the config's data, T and schedule")
-    p.add_argument("config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--replicates", type=int)
-    p.add_argument("--seed", type=int)
+    p = command("oracle", "the best possible K for the config's data, T and schedule")
+    p.add_argument("config", help="YAML config (see experiments/configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config entry by dotted key, e.g. --set model.T=50")
+    p.add_argument("--replicates", type=at_least(2),
+                   help="Monte Carlo replicates per pattern (default: the config's evaluate.replicates)")
+    p.add_argument("--seed", type=seed, help="random seed of the Monte Carlo estimate and the samples "
+                                             "(default: the config's seed)")
     p.add_argument("--monte-carlo", action="store_true", help="estimate by Monte Carlo even where exact is possible")
-    p.add_argument("--samples", type=int, default=0, metavar="N",
+    p.add_argument("--samples", type=at_least(0), default=0, metavar="N",
                    help="also draw N samples from the oracle: the best fraction of exact samples at this T")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="also print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_oracle)
 
-    p = commands.add_parser("compare", help="analytic K against TraceEnum_ELBO, Trace_ELBO and log p(x^0)")
+    p = command("compare", "analytic K against TraceEnum_ELBO, Trace_ELBO and log p(x^0)")
     p.add_argument("config", help="e.g. experiments/configs/compare.yaml")
     p.add_argument("--out", help="output directory (default runs/compare-<time>)")
     p.set_defaults(func=cmd_compare)
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"bdiff: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from .train import TrainingStopped
-
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args.func(args)
     except UserError as error:
         print(f"bdiff: error: {error}", file=sys.stderr)
         return 2

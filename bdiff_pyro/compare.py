@@ -379,8 +379,13 @@ def plot_bounds(rows, config, path):
                 Line2D([], [], color="grey", ls=":")]
     labels += ["K (analytic)", "TraceEnum_ELBO", "Trace_ELBO ± se", "log p exact", "log p IS ± se",
                "data: -log2(period)"]
-    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    # as many legend columns as the figure's width holds (a one-panel grid is 5.2 in wide); the
+    # panels leave room below for the legend's rows
+    width, height = fig.get_size_inches()
+    columns = max(1, min(5, int(width // 2.2)))
+    legend_rows = -(-len(labels) // columns)
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.1) / height, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

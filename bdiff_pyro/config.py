@@ -6,13 +6,17 @@ Every error names the file (or ``--set``) and the dotted key, e.g.
 
 import copy
 import dataclasses
+import math
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from .errors import UserError
+
+MAX_SEED = 2 ** 32 - 1  # pyro.set_rng_seed also seeds NumPy, whose seeds are 32-bit
 
 
 @dataclass
@@ -30,18 +34,26 @@ class DataConfig:
         _choice(where, "data.kind", self.kind, ("heartbeat", "text", "npy", "digits"))
         _at_least(where, "data.levels", self.levels, 2)
         if self.alphabet is not None and (len(self.alphabet) != self.levels or len(set(self.alphabet)) != self.levels):
-            raise UserError(f"{where}: data.alphabet must be {self.levels} distinct symbols (got {self.alphabet!r})")
+            raise UserError(f"{where('data.alphabet', 'data.levels')}: data.alphabet must be {self.levels} distinct "
+                            f"symbols (got {self.alphabet!r})")
         if self.kind == "digits":
             _choice(where, "data.levels", self.levels, (2, 4))
         elif self.kind == "heartbeat":
             _at_least(where, "data.n", self.n, 1)
             _at_least(where, "data.period", self.period, 1)
             if self.period > self.n:
-                raise UserError(f"{where}: data.period must be <= data.n (got {self.period} > {self.n})")
+                raise UserError(f"{where('data.period', 'data.n')}: data.period must be <= data.n "
+                                f"(got {self.period} > {self.n})")
         else:
             for key in ("train", "val"):
                 if getattr(self, key) is None:
-                    raise UserError(f"{where}: data.{key} is required when data.kind is {self.kind!r}")
+                    raise UserError(f"{where('data.kind')}: data.{key} is required when data.kind is {self.kind!r}")
+
+    def unused_keys(self):
+        """The keys that do not apply to this data.kind (the others are read from the files
+        or fixed by the data set)."""
+        return {"heartbeat": ("train", "val", "split_seed"), "text": ("n", "period", "split_seed"),
+                "npy": ("n", "period", "split_seed"), "digits": ("n", "period", "train", "val")}[self.kind]
 
 
 @dataclass
@@ -64,19 +76,21 @@ class ModelConfig:
         _at_least(where, "model.T", self.T, 2)
         _choice(where, "model.schedule", self.schedule, ("paper", "cosine", "power"))
         if self.schedule_power <= 0:
-            raise UserError(f"{where}: model.schedule_power must be > 0 (got {self.schedule_power})")
+            raise UserError(f"{where('model.schedule_power')}: model.schedule_power must be > 0 "
+                            f"(got {self.schedule_power})")
         if isinstance(self.pi_1, str):
             if self.pi_1 != "data":
-                raise UserError(f"{where}: model.pi_1 must be a number in (0, 1) or 'data' (got {self.pi_1!r})")
+                raise UserError(f"{where('model.pi_1')}: model.pi_1 must be a number in (0, 1) or 'data' "
+                                f"(got {self.pi_1!r})")
         elif not 0.0 < self.pi_1 < 1.0:
-            raise UserError(f"{where}: model.pi_1 must lie strictly between 0 and 1 (got {self.pi_1})")
+            raise UserError(f"{where('model.pi_1')}: model.pi_1 must lie strictly between 0 and 1 (got {self.pi_1})")
         _choice(where, "model.parameterisation", self.parameterisation, ("direct", "x0"))
         _choice(where, "model.inputs", self.inputs, ("state", "evidence", "log_evidence"))
         _choice(where, "model.activation", self.activation, ("sigmoid", "tanh", "relu", "silu"))
         if not self.hidden or any(h < 1 for h in self.hidden):
-            raise UserError(f"{where}: model.hidden must be a non-empty list of positive sizes (got {self.hidden})")
+            raise UserError(f"{where('model.hidden')}: model.hidden must be a non-empty list of positive sizes (got {self.hidden})")
         if self.time_embedding < 2 or self.time_embedding % 2:
-            raise UserError(f"{where}: model.time_embedding must be an even number >= 2 (got {self.time_embedding})")
+            raise UserError(f"{where('model.time_embedding')}: model.time_embedding must be an even number >= 2 (got {self.time_embedding})")
 
 
 @dataclass
@@ -98,10 +112,10 @@ class TrainConfig:
             _at_least(where, f"train.{key}", getattr(self, key), 1)
         _choice(where, "train.t_sampling", self.t_sampling, ("uniform", "importance"))
         if not 0.0 <= self.ema < 1.0:
-            raise UserError(f"{where}: train.ema must be in [0, 1) (got {self.ema})")
+            raise UserError(f"{where('train.ema')}: train.ema must be in [0, 1) (got {self.ema})")
         for key in ("lr", "lr_final", "clip_norm"):
             if getattr(self, key) <= 0:
-                raise UserError(f"{where}: train.{key} must be > 0 (got {getattr(self, key)})")
+                raise UserError(f"{where('train.' + key)}: train.{key} must be > 0 (got {getattr(self, key)})")
 
 
 @dataclass
@@ -130,17 +144,19 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     seed: int = 0
     device: str = "cpu"  # cpu | cuda
-    threads: int = 0  # CPU threads for torch (0: torch's default); 1 is fastest on a busy machine
+    threads: int = 1  # CPU threads for torch (0: torch's default); 1 is fastest for these small networks (README)
 
     def validate(self, where):
         _choice(where, "device", self.device, ("cpu", "cuda"))
         if not 0 <= self.seed < 2**32:
             raise UserError(f"{where}: seed must be in 0..2^32 - 1 (got {self.seed})")
         _at_least(where, "threads", self.threads, 0)
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"{where('seed')}: seed must be in 0..{MAX_SEED} (got {self.seed})")
         for section in (self.data, self.model, self.train, self.evaluate):
             section.validate(where)
         if self.model.kernel == "bernoulli" and self.data.levels != 2:
-            raise UserError(f"{where}: model.kernel bernoulli needs data.levels = 2 (got {self.data.levels}); "
+            raise UserError(f"{where('model.kernel', 'data.levels')}: model.kernel bernoulli needs data.levels = 2 (got {self.data.levels}); "
                             "use uniform, absorbing or gaussian")
 
 
@@ -152,14 +168,19 @@ class Config:
 
 
 def load_config(path, overrides=()):
-    """Read a YAML config, apply ``--set KEY=VALUE`` overrides, validate, resolve data paths."""
+    """Read a YAML config, apply ``--set KEY=VALUE`` overrides, validate, resolve data paths.
+
+    Keys that do not apply to the data's kind (e.g. ``data.n`` for text files) are ignored with
+    a ``ConfigWarning``."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the YAML
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
     except OSError as error:
         raise UserError(f"{path}: cannot read config ({error.strerror})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -168,13 +189,60 @@ def load_config(path, overrides=()):
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a config must be a mapping of sections (got {type(raw).__name__})")
-    raw = apply_overrides(raw, overrides)
-    config = config_from_dict(raw, where=str(path))
+    raw, origin = apply_overrides(raw, overrides), Origin(path, overrides)
+    config = config_from_dict(raw, where=origin)
+    given = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    ignored = [f"data.{key}" for key in config.data.unused_keys() if key in given]
+    if ignored:
+        warnings.warn(f"{origin(*ignored)}: {', '.join(ignored)} ignored: not used when data.kind is "
+                      f"{config.data.kind}", ConfigWarning, stacklevel=2)
     for key in ("train", "val"):
         value = getattr(config.data, key)
         if value is not None and not Path(value).is_absolute():
             setattr(config.data, key, str((path.parent / value).resolve()))
     return config
+
+
+class ConfigWarning(UserWarning):
+    """A config entry that is accepted but has no effect."""
+
+
+class Origin:
+    """Where config values came from, for messages: ``origin("model.T")`` is the ``--set`` that
+    gave model.T (or one of its sections), otherwise the file."""
+
+    def __init__(self, path, overrides=()):
+        self.path = str(path)
+        self.overrides = {item.partition("=")[0]: f"--set {item}" for item in overrides}
+
+    def __call__(self, *keys):
+        for key in keys:
+            parts = key.split("[")[0].split(".")  # model.hidden[0] comes from model.hidden
+            for depth in range(len(parts), 0, -1):
+                source = self.overrides.get(".".join(parts[:depth]))
+                if source is not None:
+                    return source
+        return self.path
+
+    def __str__(self):
+        return self.path
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                line = first_line.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if line != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 def apply_overrides(raw, overrides):
@@ -198,24 +266,32 @@ def apply_overrides(raw, overrides):
 
 
 def config_from_dict(raw, where="config"):
-    config = _build(Config, raw, where, prefix="")
-    config.validate(where)
+    """A validated Config from a dict; ``where`` (a path or an ``Origin``) prefixes the errors."""
+    origin = where if isinstance(where, Origin) else Origin(where)
+    config = _build(Config, raw, origin, prefix="")
+    config.validate(origin)
     return config
 
 
 def save_config(config, path):
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """The resolved config as YAML, without the data keys its kind does not use."""
+    values = config.to_dict()
+    for key in config.data.unused_keys():
+        values["data"].pop(key)
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
 
 
 def _build(cls, raw, where, prefix):
     if not isinstance(raw, dict):
-        raise UserError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping")
+        name = prefix.rstrip('.') or 'config'
+        raise UserError(f"{where(name)}: {name} must be a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in raw.items():
         if key not in fields:
-            raise UserError(f"{where}: unknown config key '{prefix}{key}' (known: {', '.join(fields)})")
+            raise UserError(f"{where(f'{prefix}{key}')}: unknown config key '{prefix}{key}' "
+                            f"(known: {', '.join(fields)})")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             values[key] = _build(hint, value, where, f"{prefix}{key}.")
@@ -225,7 +301,8 @@ def _build(cls, raw, where, prefix):
 
 
 def _coerce(value, hint, where, key):
-    """Check a YAML scalar against a field's type (ints are accepted where floats are)."""
+    """Check a YAML scalar against a field's type (ints are accepted where floats are; a float
+    must be finite: .nan and .inf are never a sensible setting)."""
     origin = typing.get_origin(hint)
     if origin is typing.Union:
         options = typing.get_args(hint)
@@ -236,36 +313,39 @@ def _coerce(value, hint, where, key):
                 continue
             try:
                 return _coerce(value, option, where, key)
-            except UserError:
-                pass
+            except UserError as error:
+                if "finite" in str(error):  # a number, but not a finite one: that is the message
+                    raise
         names = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
-        raise UserError(f"{where}: {key} must be {names} (got {value!r})")
+        raise UserError(f"{where(key)}: {key} must be {names} (got {value!r})")
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise UserError(f"{where}: {key} must be a list (got {value!r})")
+            raise UserError(f"{where(key)}: {key} must be a list (got {value!r})")
         return [_coerce(v, item, where, f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     if hint is float and isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise UserError(f"{where(key)}: {key} must be a finite number (got {value})")
+        return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint is str and isinstance(value, str):
         return value
     if hint is bool and isinstance(value, bool):
         return value
-    raise UserError(f"{where}: {key} must be {hint.__name__} (got {value!r})")
+    raise UserError(f"{where(key)}: {key} must be {hint.__name__} (got {value!r})")
 
 
 def _at_least(where, key, value, minimum):
     if value < minimum:
-        raise UserError(f"{where}: {key} must be >= {minimum} (got {value})")
+        raise UserError(f"{where(key)}: {key} must be >= {minimum} (got {value})")
 
 
 def _choice(where, key, value, options):
     if value not in options:
-        raise UserError(f"{where}: {key} must be one of {', '.join(options)} (got {value!r})")
+        raise UserError(f"{where(key)}: {key} must be one of {', '.join(map(str, options))} (got {value!r})")

@@ -14,6 +14,8 @@ import torch
 
 from .errors import UserError
 
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
+
 
 def heartbeat(n, period, levels=2):
     """The ``period`` shifts of a pulse every ``period`` positions.
@@ -32,9 +34,13 @@ def read_text(path, alphabet=None):
     alphabet = alphabet or "01"
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        raw = path.read_bytes()
     except OSError as error:
         raise UserError(f"{path}: cannot read data file ({error.strerror})") from None
+    if raw.startswith(NPY_MAGIC):
+        raise UserError(f"{path}: a .npy array, not text lines (for a data set: data.kind: npy)")
+    try:
+        lines = raw.decode("utf-8-sig").splitlines()  # a byte-order mark is not a symbol
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text file of 0/1 lines") from None
     rows, width = [], None
@@ -60,6 +66,13 @@ def read_npy(path, levels=2):
     """A 2-D .npy array of integer codes 0..levels-1 (0/1 for bits), one sequence per row."""
     path = Path(path)
     try:
+        with open(path, "rb") as stream:
+            is_npy = stream.read(len(NPY_MAGIC)) == NPY_MAGIC
+    except OSError as error:
+        raise UserError(f"{path}: cannot read data file ({error.strerror})") from None
+    if not is_npy:  # e.g. text lines in a file named .npy: numpy's own message is about pickles
+        raise UserError(f"{path}: not a .npy array (no NumPy header; for text lines of 0/1: data.kind: text)")
+    try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise UserError(f"{path}: cannot read .npy array ({error})") from None
@@ -69,13 +82,16 @@ def read_npy(path, levels=2):
     if bad.any():
         row, col = np.argwhere(bad)[0]
         allowed = "0 or 1" if levels == 2 else f"integers 0..{levels - 1}"
-        raise UserError(f"{path}: row {row}, column {col} holds {array[row, col]!r} (values must be {allowed})")
+        raise UserError(f"{path}: row {row}, column {col} holds {array[row, col].item()!r} (values must be {allowed})")
     return torch.as_tensor(array.astype(np.float32))
 
 
-def read_sequences(path, levels=2, alphabet=None):
-    """Read a data file by its suffix: .npy arrays, anything else as text lines."""
-    if str(path).endswith(".npy"):
+def read_sequences(path, levels=2, alphabet=None, kind=None):
+    """Read a data file as ``kind`` ("npy" or "text"); without a kind, by its suffix: .npy
+    arrays, anything else as text lines."""
+    if kind is None:
+        kind = "npy" if str(path).endswith(".npy") else "text"
+    if kind == "npy":
         return read_npy(path, levels)
     return read_text(path, alphabet or "0123456789"[:levels] if levels <= 10 else alphabet)
 
@@ -109,8 +125,8 @@ def load_dataset(data_config):
         splits = digits_splits(binary=data_config.levels == 2, seed=data_config.split_seed)
         return Dataset(train=splits["train"], val=splits["val"])
     levels, alphabet = data_config.levels, data_config.alphabet
-    train = read_sequences(data_config.train, levels, alphabet)
-    val = read_sequences(data_config.val, levels, alphabet)
+    train = read_sequences(data_config.train, levels, alphabet, data_config.kind)
+    val = read_sequences(data_config.val, levels, alphabet, data_config.kind)
     if train.shape[1] != val.shape[1]:
         raise UserError(f"{data_config.val}: sequences of length {val.shape[1]}, "
                         f"but {data_config.train} has length {train.shape[1]}")

@@ -55,6 +55,7 @@ from .bound import LN2, elbo_replicates, first_stochastic_step, pi_correction, p
 from .checkpoints import process_from_checkpoint, read_checkpoint
 from .data import load_dataset
 from .errors import UserError
+from .evaluation import held_out_patterns
 
 DEFAULT_CHAINS = 4
 DEFAULT_DRAWS = 250
@@ -105,6 +106,7 @@ def diagnose(run_dir, chains=DEFAULT_CHAINS, draws=DEFAULT_DRAWS, seed=0, *, ove
             "bound_sequences": min(bound_sequences, len(dataset.val)),
             "held_out_sequences": len(dataset.val),
             **_papers_K_attrs(process.kernel, dataset.val),
+            "held_out_patterns": held_out_patterns(dataset.train, dataset.val),
             "config": yaml.safe_dump(config.to_dict(), sort_keys=False)})
         _write_netcdf(tree, files["datatree"])
     except BaseException:
@@ -402,14 +404,23 @@ def _fmt(value, digits):
     return f"{value:.{digits}f}"
 
 
+def ess_phrase(ess, draws):
+    """"ESS 950 of 1000 draws"; an ESS above the number of draws (negatively correlated
+    draws, e.g. the stratified bound replicates) says so instead of looking like an error."""
+    if ess > draws:
+        return f"ESS {ess:.0f} of {draws} draws (more than the draws: negatively correlated draws)"
+    return f"ESS {ess:.0f} of {draws} draws"
+
+
 def summary_markdown(tree, table):
     """The Markdown summary: K as estimate ± MCSE, then the table (per-position rates folded
     into one line; they are all in summary.csv)."""
     attrs = tree.attrs
     k = table.loc["K"]
     percent = [c for c in table.columns if c.startswith("hdi")][0][3:-3]
+    draws = attrs['chains'] * attrs['draws']
     lines = [f"K = {k['mean']:.4f} ± {k['mcse_mean']:.4f} bits/seq (estimate ± MCSE; "
-             f"ESS {k['ess_bulk']:.0f} of {attrs['chains'] * attrs['draws']} draws, R-hat {k['r_hat']:.3f}), "
+             f"{ess_phrase(k['ess_bulk'], draws)}, R-hat {k['r_hat']:.3f}), "
              f"{attrs['chains']} chains x {attrs['draws']} draws, seed {attrs['seed']}; each draw one replicate "
              f"stratified over t on {attrs['bound_sequences']} of the {attrs['held_out_sequences']} held-out sequences",
              "",
@@ -419,6 +430,10 @@ def summary_markdown(tree, table):
         if name.startswith("rate["):
             continue
         d = 4 if name == "K" else 3
+        if name == "is_held_out" and attrs.get("held_out_patterns") == 0:
+            lines.append("| is_held_out | no held-out patterns (the held-out set is the training set) "
+                         "| | | | | | |")
+            continue
         lines.append(
             f"| {name} | {_fmt(row['data'], d)} | {_fmt(row['mean'], d)} ± {_fmt(row['mcse_mean'], d)} "
             f"| {_fmt(row['sd'], d)} | [{_fmt(row[f'hdi{percent}_lb'], d)}, {_fmt(row[f'hdi{percent}_ub'], d)}] "
@@ -463,24 +478,36 @@ def _save(fig, path):
     plt.close(fig)
 
 
-def plot_convergence(tree, path):
+def plot_convergence(tree, path, seed=0):
     """Rank plots (left) and local ESS (right) of K and the draw statistics, one row each
-    (statistics that are the same in every draw have nothing to rank and are left out)."""
+    (statistics that are the same in every draw have nothing to rank and are left out).
+
+    The integer statistics tie a lot (a good model puts most draws at distance 0), and tied
+    draws share a rank, which makes their rank ECDFs steps that are hard to read: their ties
+    are broken at random (value + u, u ~ U(0, 1/2), seeded), which leaves every chain's ranks
+    uniform when the chains agree."""
     _use_agg()
     import arviz_plots as azp
 
     stats = tree["sample_stats"]
     names = [name for name in CONVERGENCE_VARIABLES if name in stats and np.ptp(stats[name].values) > 0]
+    rng = np.random.default_rng(seed)
+    jittered = stats.to_dataset()
+    for name in names:
+        if np.issubdtype(stats[name].dtype, np.integer):
+            jittered[name] = stats[name] + rng.uniform(0, 0.5, stats[name].shape)
+    tree = xr.DataTree.from_dict({"sample_stats": jittered})
     total = stats.sizes["chain"] * stats.sizes["draw"]
     pc = azp.combine_plots(
         tree, [(azp.plot_rank, {}), (azp.plot_ess, {"min_ess": min(400, total)})], group="sample_stats",
         var_names=names, backend="matplotlib", plot_names=["rank", "ess"], aes={"color": ["chain"]},
-        figure_kwargs={"figsize": (10, 2.4 * len(names) + 0.6)})
+        figure_kwargs={"figsize": (10, 2.7 * len(names) + 0.6)})
     for row, name in enumerate(names):
         rank, ess = pc.iget_target(row, 0), pc.iget_target(row, 1)
-        rank.set_title(f"{LABELS[name]}: rank ECDF minus uniform, by chain", fontsize=10)
-        ess.set_title(f"{LABELS[name]}: local ESS (dotted: all {total} draws; dash-dot: {min(400, total)})",
-                      fontsize=10)
+        ties = ", ties broken at random" if np.issubdtype(stats[name].dtype, np.integer) else ""
+        rank.set_title(f"{LABELS[name]}\nrank ECDF minus uniform, by chain{ties}", fontsize=9)
+        ess.set_title(f"{LABELS[name]}\nlocal ESS (dotted: all {total} draws; dash-dot: {min(400, total)})",
+                      fontsize=9)
         ess.axhline(total, color="0.3", lw=0.8, ls=":")
         ess.set_ylim(0, 1.15 * max(total, ess.get_ylim()[1]))
         ess.set_ylabel("ESS")

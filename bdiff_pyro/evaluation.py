@@ -64,8 +64,28 @@ def _replicates_in_chunks(process, x0, replicates, progress=False):
     return torch.cat(blocks, dim=1)
 
 
+def bound_fell(start, end, margin_bits=1.0, num_se=4.0):
+    """Why the bound ``end`` lies far below ``start`` (dicts with elbo_bits, se_bits), or None.
+
+    Far: start - end > max(margin_bits, num_se * sqrt(se_start^2 + se_end^2)), a drop no Monte
+    Carlo error explains.  A learning rate far too large for the clipped optimiser trains to such
+    a collapsed model while every loss stays finite."""
+    drop = start["elbo_bits"] - end["elbo_bits"]
+    noise = num_se * math.hypot(start["se_bits"], end["se_bits"])
+    if drop > max(margin_bits, noise):
+        return (f"the held-out bound fell during training, from {start['elbo_bits']:.3f} to "
+                f"{end['elbo_bits']:.3f} bits/seq")
+    return None
+
+
 def _row_keys(x):
     return {row.tobytes() for row in x.to(torch.uint8).cpu().numpy()}
+
+
+def held_out_patterns(train, val):
+    """How many distinct held-out sequences are not training sequences (0 for heartbeat data,
+    whose held-out set is its training set: then no sample can count as held-out)."""
+    return len(_row_keys(val) - _row_keys(train))
 
 
 def membership(samples, train, val):
@@ -83,3 +103,21 @@ def pattern_histogram(samples, patterns):
     """Fraction of samples equal to each pattern (e.g. each heartbeat shift)."""
     matches = (samples.unsqueeze(1) == patterns.to(samples).unsqueeze(0)).all(-1)
     return matches.float().mean(0).tolist()
+
+
+def reference_bounds(kernel, dataset, max_cost=2 ** 30):
+    """The lines a run's bound is judged against, where known, in bits/seq: the data's own
+    expected log-likelihood -H (known support, equally likely patterns) and the oracle's
+    exact bound K* for this kernel (when its exact computation is cheap: ``max_cost``
+    elements over all steps)."""
+    if dataset.support is None:
+        return {}
+    from .oracle import data_entropy_bits, exact_cost, oracle_report
+
+    support = dataset.support
+    references = {"truth (data log-likelihood)": -data_entropy_bits(torch.ones(len(support)))}
+    kernel = kernel.double()
+    cost = exact_cost(support, kernel.num_states)
+    if cost <= 2 ** 23 and cost * kernel.T <= max_cost:  # 2^23: oracle_elbo_exact's own limit per step
+        references["oracle K*"] = oracle_report(kernel, support, exact=True)["elbo_bits"]
+    return references

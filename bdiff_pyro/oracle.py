@@ -32,7 +32,10 @@ import math
 import torch
 from torch import nn
 
-from .bound import LN2, closed_form_terms, elbo_replicates, entropy, log_prob_of, papers_K_fields
+from tqdm.auto import tqdm
+
+from .bound import (LN2, closed_form_terms, elbo_replicates, entropy, first_stochastic_step, log_prob_of,
+                    papers_K_fields)
 from .errors import UserError
 from .kernels import normalise
 
@@ -146,14 +149,15 @@ class OracleReverse(nn.Module):
         with torch.no_grad():
             return self.log_probs(x_t, t)[..., 1].exp()
 
-    def sample(self, num, seed=None):
-        """(num, n) samples of x^0: x^T ~ pi, then x^{t-1} ~ p*(x^{t-1} | x^t) for t = T..1."""
+    def sample(self, num, seed=None, progress=False):
+        """(num, n) samples of x^0: x^T ~ pi, then x^{t-1} ~ p*(x^{t-1} | x^t) for t = T..1
+        (``progress``: a bar over the steps)."""
         rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
         with rng, torch.no_grad():
             if seed is not None:
                 torch.manual_seed(seed)
             x = self.kernel.site_dist(self.kernel.prior_log_probs((num, self.n))).sample()
-            for t in range(self.T, 0, -1):
+            for t in tqdm(range(self.T, 0, -1), disable=not progress, desc="oracle samples", unit="step"):
                 x = self.kernel.site_dist(self.log_probs(x, t)).sample()
         return x
 
@@ -178,14 +182,20 @@ def oracle_bound(kernel, patterns, weights=None, replicates=16, seed=0):
     return weighted_mean_and_se(estimates, oracle.weights)
 
 
-def oracle_elbo_replicates(oracle, replicates, seed):
-    """(M, R) ELBO estimates in nats, one row per pattern."""
+def oracle_elbo_replicates(oracle, replicates, seed, progress=False):
+    """(M, R) ELBO estimates in nats, one row per pattern (``progress``: a bar over the rows)."""
     x0 = oracle.patterns.to(oracle.kernel.log_pi.dtype)
-    with torch.random.fork_rng():
+    total = replicates * len(x0) * (oracle.T + 1 - first_stochastic_step(oracle.kernel))
+    with torch.random.fork_rng(), tqdm(total=total, disable=not progress, desc="oracle bound", unit="row") as bar:
         torch.manual_seed(seed)
         # rows per batch such that the (rows, M, n, K) tensors of the pattern posterior stay small
         max_rows = max(1, 2 ** 22 // (len(oracle.patterns) * oracle.n * oracle.kernel.num_states))
-        return elbo_replicates(oracle.kernel, oracle.log_probs, x0, replicates, max_rows=max_rows)
+
+        def log_probs(x_t, t):
+            bar.update(len(x_t))
+            return oracle.log_probs(x_t, t)
+
+        return elbo_replicates(oracle.kernel, log_probs, x0, replicates, max_rows=max_rows)
 
 
 def weighted_mean_and_se(estimates, weights):
@@ -314,14 +324,16 @@ def oracle_elbo_exact(kernel, patterns, weights=None, max_configurations=200_000
     return closed_form_terms(kernel, codes.to(dtype)) - expected_loss
 
 
-def oracle_report(kernel, patterns, weights=None, replicates=16, seed=0, exact="auto", schedule=None, power=None):
+def oracle_report(kernel, patterns, weights=None, replicates=16, seed=0, exact="auto", schedule=None, power=None,
+                  progress=False):
     """The oracle's bound on the data distribution, in bits/seq, as a dict.
 
     ``elbo_bits`` is the ELBO, ``K_bits`` the paper's K (the ELBO without the pi correction; equal
     for pi_1 = 1/2; None, with ``K_undefined`` saying why, where pi has zeros), ``se_bits`` the
     Monte Carlo standard error (0 when computed exactly), ``gap_bits`` = -H(w) - ELBO >= 0.
     ``exact``: True, False or "auto" (exact when the count configurations are few).  Keys named
-    as in ``evaluation.bound_report``.
+    as in ``evaluation.bound_report``.  ``progress``: a bar
+    for the Monte Carlo estimate.
     """
     oracle = OracleReverse(kernel, patterns, weights)
     x0 = oracle.patterns.to(kernel.log_pi.dtype)
@@ -334,7 +346,7 @@ def oracle_report(kernel, patterns, weights=None, replicates=16, seed=0, exact="
         elbo_bits, se_bits = float((w * per_pattern).sum()) / LN2, 0.0
     else:
         method = f"monte carlo, {replicates} replicates, seed {seed}"
-        elbo_bits, se_bits = weighted_mean_and_se(oracle_elbo_replicates(oracle, replicates, seed), w)
+        elbo_bits, se_bits = weighted_mean_and_se(oracle_elbo_replicates(oracle, replicates, seed, progress), w)
     data_entropy = data_entropy_bits(w)
     beta_tilde = getattr(kernel, "beta_tilde", None)
     return {
@@ -354,23 +366,24 @@ def oracle_report(kernel, patterns, weights=None, replicates=16, seed=0, exact="
     }
 
 
-def oracle_samples_report(oracle, num, seed):
+def oracle_samples_report(oracle, num, seed, progress=False):
     """Where ``num`` of the oracle's samples fall: the fraction equal to a support pattern (what
     the best-bound reverse process of this kernel and T gives: the reference for a trained
     model's fraction) and the fraction equal to each pattern."""
     from .evaluation import pattern_histogram
 
-    fractions = pattern_histogram(oracle.sample(num, seed=seed), oracle.patterns)
+    fractions = pattern_histogram(oracle.sample(num, seed=seed, progress=progress), oracle.patterns)
     return {"num": num, "seed": seed, "in_support": sum(fractions), "pattern_fractions": fractions}
 
 
-def oracle_main(config, replicates=None, seed=None, exact="auto", samples=0):
+def oracle_main(config, replicates=None, seed=None, exact="auto", samples=0, progress=False):
     """The oracle report for a validated ``config.Config`` (what ``bdiff oracle CONFIG`` prints).
 
     The support is the data set's known support (heartbeat: its shifts, equally likely); for
     data files it is the empirical distribution of the training sequences (distinct rows weighted
     by their counts), i.e. the oracle of the training set.  pi_1 = "data" is resolved as in
     training.  With ``samples`` > 0, also :func:`oracle_samples_report` of that many samples.
+    ``progress``: bars for the Monte Carlo bound and the samples.
     """
     from .checkpoints import build_kernel
     from .data import load_dataset
@@ -387,10 +400,12 @@ def oracle_main(config, replicates=None, seed=None, exact="auto", samples=0):
                            replicates=config.evaluate.replicates if replicates is None else replicates,
                            seed=config.seed if seed is None else seed, exact=exact,
                            schedule=config.model.schedule,
-                           power=config.model.schedule_power if config.model.schedule == "power" else None)
+                           power=config.model.schedule_power if config.model.schedule == "power" else None,
+                           progress=progress)
     report["support"] = "known" if dataset.support is not None else "empirical (training set)"
     if samples > 0:
         seed = config.seed if seed is None else seed
-        report["samples"] = oracle_samples_report(OracleReverse(kernel, patterns, weights), samples, seed)
+        report["samples"] = oracle_samples_report(OracleReverse(kernel, patterns, weights), samples, seed,
+                                                     progress)
     return report
 

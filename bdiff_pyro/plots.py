@@ -6,6 +6,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import animation  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _save(fig, path):
@@ -14,61 +15,87 @@ def _save(fig, path):
     plt.close(fig)
 
 
-def bound_curve(history, path):
-    """Training loss and held-out bound (bits/seq, with standard errors) against step."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+def bound_curve(history, path, references=None):
+    """Training loss and held-out bound (bits/seq, with standard errors) against step, and a
+    horizontal line for each known reference (``{label: bits}``, e.g. the data's own
+    log-likelihood and the oracle's bound K*)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
     steps = [row["step"] for row in history]
     ax.plot(steps, [-row["loss_bits"] for row in history], label="training minibatch estimate", alpha=0.6)
     ax.errorbar(steps, [row["val_elbo_bits"] for row in history], yerr=[row["val_se_bits"] for row in history],
                 marker="o", ms=3, capsize=2, label="held-out bound")
+    for (label, bits), style in zip((references or {}).items(), (":", "--", "-.")):
+        ax.axhline(bits, color="0.25", ls=style, lw=1, label=f"{label}: {bits:.3f}")
     ax.set_xlabel("step")
     ax.set_ylabel("bound K (bits / sequence)")
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path)
 
 
-def membership_curve(history, path):
-    """Fractions of samples in the training set, the held-out set and neither."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+def membership_curve(history, path, held_out=True):
+    """Fractions of samples in the training set, the held-out set and neither; without
+    ``held_out`` (no held-out sequence that is not a training one) the held-out line is left
+    out and the plot says so.  The legend sits beside the axes, where it hides no line."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
     steps = [row["step"] for row in history]
-    for key, label in (("frac_train", "training set"), ("frac_held_out", "held-out set"), ("frac_neither", "neither")):
-        ax.plot(steps, [row[key] for row in history], marker="o", ms=3, label=label)
+    keys = [("frac_train", "training set"), ("frac_held_out", "held-out set"), ("frac_neither", "neither")]
+    for colour, (key, label) in zip(("C0", "C1", "C2"), keys):
+        if key == "frac_held_out" and not held_out:
+            ax.plot([], [], color="none", label="(no held-out patterns:\nheld-out set = training set)")
+            continue
+        ax.plot(steps, [row[key] for row in history], marker="o", ms=3, color=colour, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("fraction of samples")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=9)
     ax.grid(alpha=0.3)
     _save(fig, path)
 
 
-def sample_grid(samples, path, title="samples"):
-    """One sample per row, one position per column."""
-    fig, ax = plt.subplots(figsize=(max(3, samples.shape[1] * 0.18), max(2.5, samples.shape[0] * 0.09)))
-    ax.imshow(samples.float().numpy(), cmap="Greys", aspect="auto", interpolation="nearest")
+def _show_states(fig, ax, samples, levels):
+    """imshow of state codes, one grey per state (white = 0, black = the top state), with a key."""
+    levels = max(levels, int(samples.max()) + 1)
+    image = ax.imshow(samples.float().numpy(), cmap=plt.get_cmap("Greys", levels), vmin=-0.5, vmax=levels - 0.5,
+                      aspect="auto", interpolation="nearest")
+    key = fig.colorbar(image, ax=ax, ticks=range(levels), fraction=0.08, pad=0.03, shrink=min(1.0, 0.12 * levels + 0.1))
+    key.set_label("value (black = 1)" if levels == 2 else "state")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("position")
     ax.set_ylabel("sample")
+    return image
+
+
+def _grid_size(samples):
+    return max(3.5, samples.shape[1] * 0.18 + 1.2), max(2.8, samples.shape[0] * 0.09 + 0.6)
+
+
+def sample_grid(samples, path, title="samples", levels=2):
+    """One sample per row, one position per column."""
+    fig, ax = plt.subplots(figsize=_grid_size(samples))
+    _show_states(fig, ax, samples, levels)
     ax.set_title(title)
     _save(fig, path)
 
 
-def sample_evolution_gif(snapshots, path, fps=4):
+def sample_evolution_gif(snapshots, path, fps=4, levels=2):
     """A GIF of the samples drawn at each evaluation during training."""
     if not snapshots:
         return
     first = snapshots[0][1]
-    fig, ax = plt.subplots(figsize=(max(3, first.shape[1] * 0.18), max(2.5, first.shape[0] * 0.09)))
-    image = ax.imshow(first.float().numpy(), cmap="Greys", aspect="auto", interpolation="nearest", vmin=0, vmax=1)
-    ax.set_xlabel("position")
-    ax.set_ylabel("sample")
+    levels = max([levels] + [int(samples.max()) + 1 for _, samples in snapshots])
+    fig, ax = plt.subplots(figsize=_grid_size(first))
+    image = _show_states(fig, ax, first, levels)
+    # the layout is fixed before the first frame: a title must be in place to get its room
+    title = ax.set_title(f"samples at step {snapshots[-1][0]}")
 
     def frame(i):
         step, samples = snapshots[i]
         image.set_data(samples.float().numpy())
-        ax.set_title(f"samples at step {step}")
+        title.set_text(f"samples at step {step}")
         return (image,)
 
-    movie = animation.FuncAnimation(fig, frame, frames=len(snapshots), blit=False)
     fig.tight_layout()
+    movie = animation.FuncAnimation(fig, frame, frames=len(snapshots), blit=False)
     movie.save(path, writer=animation.PillowWriter(fps=fps))
     plt.close(fig)

@@ -5,6 +5,7 @@ No formula lives here: the loss is ``bound.negative_elbo_estimate``; the rest is
 """
 
 import contextlib
+import copy
 import csv
 import json
 import math
@@ -14,6 +15,7 @@ import signal
 import threading
 import time
 import typing
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -31,18 +33,11 @@ from .bound import LN2, first_stochastic_step, negative_elbo_estimate, uniform_s
 from .checkpoints import CHECKPOINT_NAME, FORMAT, build_process, read_checkpoint, save_atomically
 from .config import save_config
 from .data import Dataset, load_dataset
-from .errors import UserError
-from .evaluation import bound_report, membership, pattern_histogram
+from .errors import TrainingStopped, TrainingWarning, UserError
+from .evaluation import (bound_fell, bound_report, held_out_patterns, membership, pattern_histogram,
+                         reference_bounds)
 from .forward import forward_chain
 from .memory import require_memory, sample_in_batches, training_bytes
-
-
-class TrainingStopped(Exception):
-    """Training ended early (divergence or interruption); the message says what was kept."""
-
-    def __init__(self, message, exit_code):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 class AnalyticLoss:
@@ -136,6 +131,7 @@ class TrainingState:
     wall_time: float = 0.0
     history: list = field(default_factory=list)
     snapshots: list = field(default_factory=list)  # (step, samples) frames of the GIF
+    start_bound: dict = None  # the held-out bound of the initial weights, as the evaluations estimate it
 
 
 def new_run_dir(config_path, out=None, root="runs"):
@@ -388,6 +384,9 @@ def run_training(setup, run_dir, progress=True, log=print):
         save_atomically(payload, checkpoint)
         last_saved = state.step
 
+    if state.step == 0:
+        with averaged():
+            state.start_bound = _held_out_bound(process, dataset, config, state)
     started = time.perf_counter() - state.wall_time
     losses = []
     bar = tqdm(total=config.train.steps, initial=state.step, disable=not progress, desc="train", unit="step")
@@ -425,7 +424,7 @@ def run_training(setup, run_dir, progress=True, log=print):
                 row["elapsed_s"] = time.perf_counter() - started
                 state.history.append(row)
                 losses = []
-                bar.set_postfix(loss=f"{row['loss_bits']:.3f}", val=f"{row['val_elbo_bits']:.3f}")
+                bar.set_postfix_str(f"-ELBO bits/seq: train {row['loss_bits']:.3f}, val {-row['val_elbo_bits']:.3f}")
             if saving:
                 state.wall_time = time.perf_counter() - started
                 save()
@@ -434,6 +433,12 @@ def run_training(setup, run_dir, progress=True, log=print):
                     f"interrupted at step {state.step}; checkpoint saved to {checkpoint}; "
                     f"continue with: {resume_command(run_dir)}", exit_code=130)
     state.wall_time = time.perf_counter() - started
+    if state.start_bound is not None and state.history:
+        end = state.history[-1]
+        fell = bound_fell(state.start_bound, {"elbo_bits": end["val_elbo_bits"], "se_bits": end["val_se_bits"]})
+        if fell:
+            warnings.warn(f"{fell}; the model may have collapsed (train.lr = {config.train.lr:g} too large?)",
+                          TrainingWarning, stacklevel=2)
     return finish_training(process, averaged, dataset, config, state, run_dir, progress, log)
 
 
@@ -500,9 +505,17 @@ def _current_lr(optim):
     return lrs[0] if lrs else float("nan")
 
 
-def _evaluate_during_training(process, dataset, config, state, losses, optim):
+def _held_out_bound(process, dataset, config, state):
+    """The held-out bound as the evaluations during training estimate it."""
     process.eval()
     report = bound_report(process, dataset.val[: config.train.eval_sequences], replicates=2, seed=state.step)
+    process.train()
+    return report
+
+
+def _evaluate_during_training(process, dataset, config, state, losses, optim):
+    report = _held_out_bound(process, dataset, config, state)
+    process.eval()
     samples = sample_in_batches(process, config.train.eval_samples, seed=config.seed)
     process.train()
     fractions = membership(samples, dataset.train, dataset.val)
@@ -529,6 +542,7 @@ def finish_run(process, dataset, config, state, run_dir, progress=False):
     metrics = {
         "train": train_bound, "held_out": val_bound,
         "samples": {"num": config.evaluate.num_samples, **membership(samples, dataset.train, dataset.val),
+                    "held_out_patterns": held_out_patterns(dataset.train, dataset.val),
                     "per_second": config.evaluate.num_samples / sampling_seconds},
         "wall_time_s": state.wall_time, "steps": state.step, "T": process.T, "n": dataset.n,
         "num_parameters": sum(p.numel() for p in process.parameters()),
@@ -536,10 +550,12 @@ def finish_run(process, dataset, config, state, run_dir, progress=False):
     if dataset.support is not None:
         metrics["samples"]["pattern_fractions"] = pattern_histogram(samples, dataset.support)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
-    plots.bound_curve(state.history, run_dir / "bound_curve.png")
-    plots.membership_curve(state.history, run_dir / "proportions.png")
-    plots.sample_grid(samples[:64].cpu(), run_dir / "samples.png")
-    plots.sample_evolution_gif(state.snapshots, run_dir / "sample_evolution.gif")
+    references = reference_bounds(copy.deepcopy(process.kernel).cpu(), dataset)
+    plots.bound_curve(state.history, run_dir / "bound_curve.png", references)
+    plots.membership_curve(state.history, run_dir / "proportions.png",
+                           held_out=metrics["samples"]["held_out_patterns"] > 0)
+    plots.sample_grid(samples[:64].cpu(), run_dir / "samples.png", levels=config.data.levels)
+    plots.sample_evolution_gif(state.snapshots, run_dir / "sample_evolution.gif", levels=config.data.levels)
     return metrics
 
 

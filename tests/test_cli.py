@@ -242,6 +242,6 @@ def test_oracle_command_with_samples():
     assert lines[1].startswith("of 300 oracle samples (seed 0): ") and "% in the support" in lines[1]
     assert len(lines[1].split("pattern fractions ")[1].split()) == 5  # the five heartbeat shifts
     assert_user_error(bdiff_in_process("oracle", "experiments/configs/heartbeat.yaml", "--samples", -1),
-                      "--samples must be at least 0")
+                      "--samples: must be at least 0")
     assert_user_error(bdiff_in_process("train", "experiments/configs/heartbeat.yaml", "--set",
                                        "model.add_own_evidence=maybe"), "model.add_own_evidence")
