@@ -20,6 +20,6 @@ def load(path):
     """A run directory or checkpoint file -> its ReverseProcess in eval mode (see
     ``bdiff_pyro.checkpoints.load``; imported here on first use, so that ``import bdiff_pyro``
     and the command line start without torch)."""
-    from .checkpoints import load as load_checkpoint
+    from bdiff_pyro.checkpoints import load as load_checkpoint
 
     return load_checkpoint(path)

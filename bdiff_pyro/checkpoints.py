@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .config import config_from_dict
-from .errors import UserError
-from .kernels import make_beta_tilde, make_kernel
-from .reverse import ReverseNet, ReverseProcess
+from bdiff_pyro.config import config_from_dict
+from bdiff_pyro.diffusion.kernels import make_kernel
+from bdiff_pyro.diffusion.schedules import make_beta_tilde
+from bdiff_pyro.errors import UserError
+from bdiff_pyro.networks.mlp import MLP
+from bdiff_pyro.programs.reverse import ReverseProcess
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = 2
@@ -37,7 +39,7 @@ def build_kernel(model_config, levels=2):
 def build_process(model_config, n, levels=2):
     """A freshly initialised reverse process for sequences of length n."""
     kernel = build_kernel(model_config, levels)
-    net = ReverseNet(n, kernel.num_states, hidden=tuple(model_config.hidden),
+    net = MLP(n, kernel.num_states, hidden=tuple(model_config.hidden),
                      activation=model_config.activation, time_embedding=model_config.time_embedding,
                      num_features=ReverseProcess.num_features(kernel, model_config.inputs),
                      film=model_config.film)

@@ -14,14 +14,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from .config import MAX_SEED  # config.py imports YAML, not torch
-from .errors import TrainingStopped, UserError
-
-SAMPLE_BATCH_ELEMENTS = 2 ** 20  # bdiff sample draws and writes batches of about this many positions
+from bdiff_pyro.config import MAX_SEED  # config.py imports YAML, not torch
+from bdiff_pyro.errors import TrainingStopped, UserError
 
 
 def cmd_train(args):
-    from .config import load_config
+    from bdiff_pyro.config import load_config
 
     if args.resume:
         if args.out:
@@ -36,15 +34,14 @@ def cmd_train(args):
     else:
         config = load_config(args.config, args.set)
     if args.seed is not None:
-        config.seed = args.seed
-        config.validate("--seed")
-    from .train import claim_run_dir, discard_run_dir, prepare_training, run_training
+        config.seed = args.seed  # checked by argparse (type=seed)
+    from bdiff_pyro.train import claim_run_dir, discard_run_dir, prepare_training, run_training
 
     setup = prepare_training(config, run_dir if args.resume else None)
     if args.resume:
         _check_writable(run_dir)
         created = None
-        from .config import save_config
+        from bdiff_pyro.config import save_config
         save_config(setup.config, run_dir / "config.yaml")
     else:
         run_dir, created = claim_run_dir(setup.config, args.config, args.out)
@@ -52,7 +49,7 @@ def cmd_train(args):
     try:
         metrics = run_training(setup, run_dir, progress=not args.quiet)
     except BaseException as error:
-        from .checkpoints import CHECKPOINT_NAME
+        from bdiff_pyro.checkpoints import CHECKPOINT_NAME
         if created is None or (run_dir / CHECKPOINT_NAME).exists():
             raise
         discard_run_dir(run_dir, created)  # a start that failed leaves nothing behind
@@ -104,13 +101,15 @@ def sample_summary(samples):
 
 def cmd_sample(args):
     out = check_output_file(args.out, args.force) if args.out else None
-    from .checkpoints import load_with_config
+    from bdiff_pyro.checkpoints import load_with_config
 
     config, process = load_with_config(args.checkpoint)
     use_threads(config)
     if args.steps is not None:
         process.stride_grid(args.steps)  # refuses a bad --steps before anything is written
-    batches = sample_batches(process, args.num, seed=args.seed, steps=args.steps)
+    from bdiff_pyro.memory import iter_sample_batches
+
+    batches = iter_sample_batches(process, args.num, seed=args.seed, steps=args.steps)  # bounded memory
     lines = (format_lines(batch, config.data.alphabet) for batch in batches)
     if out is None:
         write_to_stdout(lines)
@@ -143,22 +142,8 @@ def check_output_file(path, force):
     return out
 
 
-def sample_batches(process, num, seed=None, steps=None):
-    """``num`` samples as a sequence of (rows, n) tensors, at most ``SAMPLE_BATCH_ELEMENTS /
-    n`` rows each, so that any ``num`` takes bounded memory.  One random stream under
-    ``seed``: when one batch holds them all, the samples are ``process.sample(num, seed)``."""
-    import torch
-
-    rows = max(1, SAMPLE_BATCH_ELEMENTS // process.n)
-    with torch.random.fork_rng():
-        if seed is not None:
-            torch.manual_seed(seed)
-        for start in range(0, num, rows):
-            yield process.sample(min(rows, num - start), steps=steps)
-
-
 def format_lines(samples, alphabet):
-    from .data import format_sequence
+    from bdiff_pyro.data.datasets import format_sequence
 
     return "".join(format_sequence(row, alphabet) + "\n" for row in samples.tolist())
 
@@ -206,9 +191,9 @@ def cmd_evaluate(args):
     data = Path(args.data)
     if not data.is_file():
         raise UserError(f"{data}: cannot read data file ({'a directory' if data.is_dir() else 'no such file'})")
-    from .checkpoints import load_with_config
-    from .data import read_sequences
-    from .evaluation import bound_report
+    from bdiff_pyro.checkpoints import load_with_config
+    from bdiff_pyro.data.datasets import read_sequences
+    from bdiff_pyro.evaluation import bound_report
 
     config, process = load_with_config(args.checkpoint)
     use_threads(config)
@@ -220,14 +205,14 @@ def cmd_evaluate(args):
     print(f"K = {report['elbo_bits']:.4f} ± {report['se_bits']:.4f} bits/seq "
           f"({len(x0)} sequences, {args.replicates} replicates; {papers_K})")
     if args.exact:
-        from .bound import LN2
-        from .enumerate import exact_log_likelihood
+        from bdiff_pyro.diffusion.bound import LN2
+        from bdiff_pyro.programs.enumeration import exact_log_likelihood
 
         report["exact_log_likelihood_bits"] = float(exact_log_likelihood(process.double(), x0.double()).mean()) / LN2
         print(f"exact log p(x^0) = {report['exact_log_likelihood_bits']:.4f} bits/seq (enumerated)")
     if args.importance is not None:
-        from .bound import LN2
-        from .enumerate import importance_log_likelihood
+        from bdiff_pyro.diffusion.bound import LN2
+        from bdiff_pyro.programs.enumeration import importance_log_likelihood
 
         estimate, se, ess = importance_log_likelihood(process, x0, num_samples=args.importance, return_ess=True)
         report.update(importance_bits=float(estimate.mean()) / LN2,
@@ -240,14 +225,14 @@ def cmd_evaluate(args):
 
 
 def cmd_compare(args):
-    from .compare import compare_main
+    from bdiff_pyro.crosscheck import compare_main
 
     paths = compare_main(args.config, args.out)
     print(f"tables, CSVs and plots in {paths['out_dir']}/")
 
 
 def cmd_diagnose(args):
-    from .diagnostics import diagnose
+    from bdiff_pyro.diagnostics import diagnose
 
     try:
         diagnose(args.run_dir, chains=args.chains, draws=args.draws, seed=args.seed, overwrite=args.overwrite,
@@ -257,13 +242,13 @@ def cmd_diagnose(args):
 
 
 def cmd_oracle(args):
-    from .config import load_config
+    from bdiff_pyro.config import load_config
 
     config = load_config(args.config, args.set)
-    from .oracle import oracle_main
+    from bdiff_pyro.evaluation import oracle_for_config
 
     use_threads(config)
-    report = oracle_main(config, replicates=args.replicates, seed=args.seed,
+    report = oracle_for_config(config, replicates=args.replicates, seed=args.seed,
                          exact=False if args.monte_carlo else "auto", samples=args.samples,
                          progress=not args.quiet)
     se = f" ± {report['se_bits']:.4f}" if report.get("se_bits") else " (exact)"

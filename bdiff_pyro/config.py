@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from bdiff_pyro.errors import UserError
 
 MAX_SEED = 2 ** 32 - 1  # pyro.set_rng_seed also seeds NumPy, whose seeds are 32-bit
 
@@ -69,7 +69,7 @@ class ModelConfig:
     hidden: typing.List[int] = field(default_factory=lambda: [128, 128])
     activation: str = "silu"  # sigmoid | tanh | relu | silu
     time_embedding: int = 32
-    film: bool = False  # time also scales and shifts every hidden layer (see reverse.ReverseNet)
+    film: bool = False  # time also scales and shifts every hidden layer (see reverse.MLP)
 
     def validate(self, where):
         _choice(where, "model.kernel", self.kernel, ("bernoulli", "uniform", "absorbing", "gaussian"))
@@ -148,8 +148,6 @@ class Config:
 
     def validate(self, where):
         _choice(where, "device", self.device, ("cpu", "cuda"))
-        if not 0 <= self.seed < 2**32:
-            raise UserError(f"{where}: seed must be in 0..2^32 - 1 (got {self.seed})")
         _at_least(where, "threads", self.threads, 0)
         if not 0 <= self.seed <= MAX_SEED:
             raise UserError(f"{where('seed')}: seed must be in 0..{MAX_SEED} (got {self.seed})")
@@ -273,12 +271,17 @@ def config_from_dict(raw, where="config"):
     return config
 
 
-def save_config(config, path):
-    """The resolved config as YAML, without the data keys its kind does not use."""
+def config_text(config):
+    """The resolved config as YAML, without the data keys its kind does not use (so that
+    reading it back warns about nothing)."""
     values = config.to_dict()
     for key in config.data.unused_keys():
         values["data"].pop(key)
-    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def save_config(config, path):
+    Path(path).write_text(config_text(config))
 
 
 def _build(cls, raw, where, prefix):

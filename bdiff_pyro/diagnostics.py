@@ -51,11 +51,17 @@ import xarray as xr
 import yaml
 from tqdm.auto import tqdm
 
-from .bound import LN2, elbo_replicates, first_stochastic_step, pi_correction, pi_correction_undefined
-from .checkpoints import process_from_checkpoint, read_checkpoint
-from .data import load_dataset
-from .errors import UserError
-from .evaluation import held_out_patterns
+from bdiff_pyro.checkpoints import process_from_checkpoint, read_checkpoint
+from bdiff_pyro.data import load_dataset
+from bdiff_pyro.diffusion.bound import (
+    LN2,
+    elbo_replicates,
+    first_stochastic_step,
+    pi_correction,
+    pi_correction_undefined,
+)
+from bdiff_pyro.errors import UserError
+from bdiff_pyro.evaluation import held_out_patterns
 
 DEFAULT_CHAINS = 4
 DEFAULT_DRAWS = 250

@@ -1,13 +1,21 @@
 """What a trained model is judged by: the bound on data (bits/seq with a standard error)
 and where its samples fall (training set, held-out set, neither)."""
 
+import copy
 import math
 
 import torch
 from tqdm.auto import tqdm
 
-from .bound import LN2, elbo_replicates, first_stochastic_step, mean_and_standard_error, papers_K_fields
-from .memory import rows_per_chunk
+from bdiff_pyro.diffusion.bound import (
+    LN2,
+    elbo_replicates,
+    first_stochastic_step,
+    mean_and_standard_error,
+    papers_K_fields,
+)
+from bdiff_pyro.diffusion.oracle import OracleReverse, oracle_report
+from bdiff_pyro.memory import rows_per_chunk
 
 
 def bound_report(process, x0, replicates=8, seed=0, distinct=False, max_sequences=None, progress=False):
@@ -112,7 +120,7 @@ def reference_bounds(kernel, dataset, max_cost=2 ** 30):
     elements over all steps)."""
     if dataset.support is None:
         return {}
-    from .oracle import data_entropy_bits, exact_cost, oracle_report
+    from bdiff_pyro.diffusion.oracle import data_entropy_bits, exact_cost, oracle_report
 
     support = dataset.support
     references = {"truth (data log-likelihood)": -data_entropy_bits(torch.ones(len(support)))}
@@ -121,3 +129,47 @@ def reference_bounds(kernel, dataset, max_cost=2 ** 30):
     if cost <= 2 ** 23 and cost * kernel.T <= max_cost:  # 2^23: oracle_elbo_exact's own limit per step
         references["oracle K*"] = oracle_report(kernel, support, exact=True)["elbo_bits"]
     return references
+
+
+def oracle_samples_report(oracle, num, seed, progress=False):
+    """Where ``num`` of the oracle's samples fall: the fraction equal to a support pattern (what
+    the best-bound reverse process of this kernel and T gives: the reference for a trained
+    model's fraction) and the fraction equal to each pattern."""
+
+    fractions = pattern_histogram(oracle.sample(num, seed=seed, progress=progress), oracle.patterns)
+    return {"num": num, "seed": seed, "in_support": sum(fractions), "pattern_fractions": fractions}
+
+
+def oracle_for_config(config, replicates=None, seed=None, exact="auto", samples=0, progress=False):
+    """The oracle report for a validated ``config.Config`` (what ``bdiff oracle CONFIG`` prints).
+
+    The support is the data set's known support (heartbeat: its shifts, equally likely); for
+    data files it is the empirical distribution of the training sequences (distinct rows weighted
+    by their counts), i.e. the oracle of the training set.  pi_1 = "data" is resolved as in
+    training.  With ``samples`` > 0, also :func:`oracle_samples_report` of that many samples.
+    ``progress``: bars for the Monte Carlo bound and the samples.
+    """
+    from bdiff_pyro.checkpoints import build_kernel
+    from bdiff_pyro.data import load_dataset
+    from bdiff_pyro.train import resolve_config
+
+    dataset = load_dataset(config.data)
+    config = resolve_config(copy.deepcopy(config), dataset)
+    if dataset.support is not None:
+        patterns, weights = dataset.support, None
+    else:
+        patterns, weights = torch.unique(dataset.train, dim=0, return_counts=True)
+    kernel = build_kernel(config.model, config.data.levels).double()
+    report = oracle_report(kernel, patterns, weights,
+                           replicates=config.evaluate.replicates if replicates is None else replicates,
+                           seed=config.seed if seed is None else seed, exact=exact,
+                           schedule=config.model.schedule,
+                           power=config.model.schedule_power if config.model.schedule == "power" else None,
+                           progress=progress)
+    report["support"] = "known" if dataset.support is not None else "empirical (training set)"
+    if samples > 0:
+        seed = config.seed if seed is None else seed
+        report["samples"] = oracle_samples_report(OracleReverse(kernel, patterns, weights), samples, seed,
+                                                     progress)
+    return report
+

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import yaml
 
-from .bound import LN2, elbo_replicates, prior_term
-from .checkpoints import load_with_config
-from .config import DataConfig, apply_overrides, load_config
-from .data import heartbeat
-from .errors import UserError
-from .train import train
+from bdiff_pyro.checkpoints import load_with_config
+from bdiff_pyro.config import DataConfig, apply_overrides, load_config
+from bdiff_pyro.data.datasets import heartbeat
+from bdiff_pyro.diffusion.bound import LN2, elbo_replicates, prior_term
+from bdiff_pyro.errors import UserError
+from bdiff_pyro.train import train
 
 #: Kernels in table order; the 4-level data leaves out bernoulli (a K = 2 kernel).
 KERNEL_ORDER = ("bernoulli", "uniform", "absorbing", "gaussian")
@@ -115,7 +115,7 @@ def score_set(config):
         patterns = heartbeat(config.data.n, config.data.period, config.data.levels)
         return patterns, f"the {len(patterns)} heartbeat patterns (the whole data distribution)", True
     if config.data.kind == "digits":
-        from .digits import digits_splits
+        from bdiff_pyro.data.digits import digits_splits
         test = digits_splits(binary=config.data.levels == 2, seed=config.data.split_seed,
                              levels=config.data.levels)["test"]
         return test, f"the {len(test)} test images (split seed {config.data.split_seed})", False
@@ -165,7 +165,7 @@ def reference(config):
     independent-pixels model for digits.  (label, bits/seq, standard error or None)."""
     if config.data.kind == "heartbeat":
         return f"data entropy log2 {config.data.period} (the best possible)", math.log2(config.data.period), None
-    from .digits import digits_splits
+    from bdiff_pyro.data.digits import digits_splits
     splits = digits_splits(binary=config.data.levels == 2, seed=config.data.split_seed, levels=config.data.levels)
     bits, se = independent_baseline_bits(splits["train"], splits["test"], config.data.levels)
     return "independent pixels (exact log-likelihood)", bits, se
@@ -293,7 +293,7 @@ def plot_samples(rows, data_examples, path, columns=4):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .digits import SIDE, image_grid
+    from bdiff_pyro.data.digits import SIDE, image_grid
 
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
     panels = {d: [("held-out data", data_examples[d], None)] +

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .errors import UserError
+from bdiff_pyro.errors import UserError
 
 WORKING_SET_BYTES = 256 * 2**20  # one chunk of evaluation or sampling rows
 MAX_ROWS_PER_CHUNK = 65536  # beyond this a chunk is no faster on a CPU
@@ -40,7 +40,7 @@ def kernel_table_bytes(T, num_states):
 
 
 def network_parameters(n, num_states, hidden, time_embedding, film=False):
-    """Parameters of ``reverse.ReverseNet`` with at most K features per position in and
+    """Parameters of ``reverse.MLP`` with at most K features per position in and
     K - 1 logits per position out (a bound for every input code)."""
     widths = list(hidden)
     count = n * num_states * widths[0] + widths[0] + time_embedding * widths[0]

@@ -13,10 +13,16 @@ from typing import Optional
 
 import torch
 
-from .bound import LN2, entropy, pi_correction
-from .kernels import BernoulliKernel, make_beta_tilde
-from .oracle import (OracleReverse, data_entropy_bits, oracle_elbo_exact, oracle_elbo_replicates,
-                     weighted_mean_and_se)
+from bdiff_pyro.diffusion.bound import LN2, entropy, pi_correction
+from bdiff_pyro.diffusion.kernels import BernoulliKernel
+from bdiff_pyro.diffusion.oracle import (
+    OracleReverse,
+    data_entropy_bits,
+    oracle_elbo_exact,
+    oracle_elbo_replicates,
+    weighted_mean_and_se,
+)
+from bdiff_pyro.diffusion.schedules import make_beta_tilde
 
 
 @dataclass(frozen=True)

@@ -24,20 +24,25 @@ from pathlib import Path
 import pyro
 import pyro.optim
 import torch
-import yaml
 from pyro.infer import SVI
 from tqdm.auto import tqdm
 
-from . import plots
-from .bound import LN2, first_stochastic_step, negative_elbo_estimate, uniform_step_proposal
-from .checkpoints import CHECKPOINT_NAME, FORMAT, build_process, read_checkpoint, save_atomically
-from .config import save_config
-from .data import Dataset, load_dataset
-from .errors import TrainingStopped, TrainingWarning, UserError
-from .evaluation import (bound_fell, bound_report, held_out_patterns, membership, pattern_histogram,
-                         reference_bounds)
-from .forward import forward_chain
-from .memory import require_memory, sample_in_batches, training_bytes
+from bdiff_pyro import plots
+from bdiff_pyro.checkpoints import CHECKPOINT_NAME, FORMAT, build_process, read_checkpoint, save_atomically
+from bdiff_pyro.config import config_text, save_config
+from bdiff_pyro.data import Dataset, load_dataset
+from bdiff_pyro.diffusion.bound import LN2, first_stochastic_step, negative_elbo_estimate, uniform_step_proposal
+from bdiff_pyro.errors import TrainingStopped, TrainingWarning, UserError
+from bdiff_pyro.evaluation import (
+    bound_fell,
+    bound_report,
+    held_out_patterns,
+    membership,
+    pattern_histogram,
+    reference_bounds,
+)
+from bdiff_pyro.memory import require_memory, sample_in_batches, training_bytes
+from bdiff_pyro.programs.forward import forward_chain
 
 
 class AnalyticLoss:
@@ -196,10 +201,6 @@ def discard_run_dir(run_dir, created):
         return
     for path in run_dir.iterdir():
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def config_text(config):
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
 def resolve_config(config, dataset):
@@ -458,7 +459,7 @@ def finish_training(process, averaged, dataset, config, state, run_dir, progress
         with averaged():
             metrics = finish_run(process, dataset, config, state, run_dir, progress=progress)
         if config.evaluate.diagnose:
-            from .diagnostics import diagnose
+            from bdiff_pyro.diagnostics import diagnose
             diagnose(run_dir, seed=config.seed, progress=progress, log=log)
     except KeyboardInterrupt:
         raise TrainingStopped(f"interrupted during the final evaluation; {kept}", exit_code=130) from None

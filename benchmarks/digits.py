@@ -4,7 +4,7 @@
                                 [--threads 1] [--restarts 5] [--replicates 16] [--run RUN_DIR]
 
 Data: scikit-learn's 8x8 digits binarised at grey level 8 (n = 64), the fixed 70/15/15
-split of bdiff_pyro.digits (seed data.split_seed of the config, 0 by default).  On the same
+split of bdiff_pyro.data.digits (seed data.split_seed of the config, 0 by default).  On the same
 split it measures, in bits per test image (-log2 p(x), lower is better):
 
 - independent Bernoulli pixels (Laplace smoothing): exact;
@@ -37,11 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import command_line, machine_description  # noqa: E402
 
 import bdiff_pyro  # noqa: E402
-from bdiff_pyro.baselines import (COMPONENT_GRID, LN2, IndependentBernoulli, bits_per_sequence,  # noqa: E402
-                                  select_mixture)
-from bdiff_pyro.bound import elbo_replicates, mean_and_standard_error  # noqa: E402
+from bdiff_pyro.baselines.mixture import COMPONENT_GRID, LN2, IndependentBernoulli, bits_per_sequence, select_mixture  # noqa: E402
 from bdiff_pyro.config import load_config  # noqa: E402
-from bdiff_pyro.digits import digits_splits, save_image_grid  # noqa: E402
+from bdiff_pyro.data.digits import digits_splits, save_image_grid  # noqa: E402
+from bdiff_pyro.diffusion.bound import elbo_replicates, mean_and_standard_error  # noqa: E402
 from bdiff_pyro.evaluation import bound_report, membership  # noqa: E402
 from bdiff_pyro.train import train  # noqa: E402
 

@@ -25,7 +25,7 @@ from machine import command_line, default_out, machine_description, start  # noq
 
 from bdiff_pyro.config import load_config  # noqa: E402
 from bdiff_pyro.data import load_dataset  # noqa: E402
-from bdiff_pyro.oracle import oracle_main  # noqa: E402
+from bdiff_pyro.evaluation import oracle_for_config  # noqa: E402
 from bdiff_pyro.train import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def run(config_path, out_dir, trained=False):
         run_dir.mkdir(parents=True)
         metrics = train(config, run_dir, progress=True, log=print)
     samples = metrics["samples"]
-    oracle = oracle_main(config, samples=10000)
+    oracle = oracle_for_config(config, samples=10000)
     return {
         "config": str(Path(config_path).resolve().relative_to(ROOT)), "T": config.model.T, "schedule": config.model.schedule,
         "pi_1": config.model.pi_1, "parameterisation": config.model.parameterisation,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from bdiff_pyro.compare import compare_main  # noqa: E402
+from bdiff_pyro.crosscheck import compare_main  # noqa: E402
 from bdiff_pyro.errors import UserError  # noqa: E402
 
 

@@ -26,12 +26,22 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 
 import torch  # noqa: E402
 
-from benchmarks.machine import command_line, machine_description  # noqa: E402
 from bdiff_pyro.errors import UserError  # noqa: E402
-from bdiff_pyro.kernel_study import (DATASET_NAMES, KERNEL_ORDER, figure_examples, markdown_table,  # noqa: E402
-                                     paired_differences, plan, plot_samples, reference, run_cell, score_set,
-                                     winners)
+from bdiff_pyro.kernel_study import (  # noqa: E402
+    DATASET_NAMES,
+    KERNEL_ORDER,
+    figure_examples,
+    markdown_table,
+    paired_differences,
+    plan,
+    plot_samples,
+    reference,
+    run_cell,
+    score_set,
+    winners,
+)
 from bdiff_pyro.train import new_run_dir  # noqa: E402
+from benchmarks.machine import command_line, machine_description  # noqa: E402
 
 CONFIGS = ROOT / "experiments" / "configs"
 

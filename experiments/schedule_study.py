@@ -5,7 +5,7 @@
 Writes to OUT_DIR (default runs/schedule_study-<timestamp>; an existing non-empty directory is
 refused): study.csv (one row per schedule and T), study.md (the tables), gap.png (the gap to
 -log2 period against T, log-log), search.json (the T each schedule needs for the target gap).
-K* is exact (bdiff_pyro.oracle.oracle_elbo_exact); the Monte Carlo column is an independent check.
+K* is exact (bdiff_pyro.diffusion.oracle.oracle_elbo_exact); the Monte Carlo column is an independent check.
 About three minutes on two busy cores with the defaults.
 """
 
@@ -17,9 +17,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from bdiff_pyro.data import heartbeat
+from bdiff_pyro.data.datasets import heartbeat
+from bdiff_pyro.diffusion.oracle import data_entropy_bits
 from bdiff_pyro.errors import UserError
-from bdiff_pyro.oracle import data_entropy_bits
 from bdiff_pyro.study import DEFAULT_SPECS, DEFAULT_TS, T_for_gap, markdown_tables, plot_gaps, run_study, write_csv
 from bdiff_pyro.train import new_run_dir
 

@@ -2,8 +2,10 @@ import pyro
 import pytest
 import torch
 
-from bdiff_pyro.kernels import BernoulliKernel, make_beta_tilde
-from bdiff_pyro.reverse import ReverseNet, ReverseProcess
+from bdiff_pyro.diffusion.kernels import BernoulliKernel
+from bdiff_pyro.diffusion.schedules import make_beta_tilde
+from bdiff_pyro.networks.mlp import MLP
+from bdiff_pyro.programs.reverse import ReverseProcess
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -32,7 +34,7 @@ def make_process(n=2, T=3, pi_1=0.5, schedule="cosine", parameterisation="x0", s
 
 
 def _random_process(kernel, n, parameterisation, hidden, inputs, film=False, add_own_evidence=True):
-    net = ReverseNet(n, kernel.num_states, hidden=hidden, activation="tanh", time_embedding=8,
+    net = MLP(n, kernel.num_states, hidden=hidden, activation="tanh", time_embedding=8,
                      num_features=ReverseProcess.num_features(kernel, inputs), film=film)
     if film:  # FiLM layers start at zero; make them count
         with torch.no_grad():
@@ -58,7 +60,7 @@ KERNEL_CASES = [
 def make_kernel_process(case, n=2, T=3, schedule="cosine", parameterisation="x0", seed=0, hidden=(16, 16),
                         inputs="state", add_own_evidence=True):
     """A random float64 reverse process for one of KERNEL_CASES."""
-    from bdiff_pyro.kernels import make_kernel
+    from bdiff_pyro.diffusion.kernels import make_kernel
     name, num_states, pi_1 = case
     torch.manual_seed(seed)
     kernel = make_kernel(name, make_beta_tilde(schedule, T), num_states, pi_1 if pi_1 is not None else 0.5)

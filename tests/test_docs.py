@@ -64,18 +64,18 @@ def test_every_documented_name_exists(doc, name):
 
 
 def test_resolve_rejects_a_missing_attribute_and_a_missing_module():
-    assert resolve("bdiff_pyro.bound.elbo_exact").__name__ == "elbo_exact"
+    assert resolve("bdiff_pyro.diffusion.bound.elbo_exact").__name__ == "elbo_exact"
     with pytest.raises(AttributeError):
-        resolve("bdiff_pyro.bound.no_such_function")
+        resolve("bdiff_pyro.diffusion.bound.no_such_function")
     with pytest.raises(ModuleNotFoundError):
         resolve("bdiff_pyro.no_such_module.anything")
 
 
 def test_code_spans_find_inline_and_fenced_names_only():
-    text = ("Prose bdiff_pyro.prose_only, `bdiff_pyro.kernels.make_kernel(name)` inline,\n"
+    text = ("Prose bdiff_pyro.prose_only, `bdiff_pyro.diffusion.kernels.make_kernel(name)` inline,\n"
             "```python\nx = bdiff_pyro.load(path)\n```\n")
     names = sorted(n for span in code_spans(text) for n in DOTTED_NAME.findall(span))
-    assert names == ["bdiff_pyro.kernels.make_kernel", "bdiff_pyro.load"]
+    assert names == ["bdiff_pyro.diffusion.kernels.make_kernel", "bdiff_pyro.load"]
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bdiff_pyro.baselines import IndependentBernoulli
+from bdiff_pyro.baselines.mixture import IndependentBernoulli
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "uci" / "baselines.py"

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from bdiff_pyro.diffusion.kernels import BernoulliKernel, UniformKernel
+from bdiff_pyro.diffusion.schedules import make_beta_tilde
 from bdiff_pyro.errors import UserError
-from bdiff_pyro.kernel_study import (independent_baseline_bits, paired_differences, plan, score_set)
-from bdiff_pyro.kernels import BernoulliKernel, UniformKernel, make_beta_tilde
+from bdiff_pyro.kernel_study import independent_baseline_bits, paired_differences, plan, score_set
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "experiments" / "configs"

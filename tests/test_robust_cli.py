@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from bdiff_pyro import cli
+from bdiff_pyro import cli, memory
 from bdiff_pyro.config import ConfigWarning, load_config
-from bdiff_pyro.data import heartbeat, read_npy, read_sequences, read_text
+from bdiff_pyro.data.datasets import heartbeat, read_npy, read_sequences, read_text
 from bdiff_pyro.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def test_sample_out_that_fails_while_writing_leaves_no_file(tiny_run, tmp_path, 
             raise OSError(28, "No space left on device")
         return real(samples, alphabet)
 
-    monkeypatch.setattr(cli, "SAMPLE_BATCH_ELEMENTS", 20 * 4)
+    monkeypatch.setattr(memory, "rows_per_chunk", lambda *args, **kwargs: 4)
     monkeypatch.setattr(cli, "format_lines", disk_full_on_the_second_batch)
     assert_user_error(bdiff("sample", out, "-n", 10, "--out", tmp_path / "s.txt"), "No space left on device")
     assert files_in(tmp_path) == []
@@ -212,7 +212,7 @@ def test_sample_draws_and_writes_in_bounded_batches(tiny_run, tmp_path, monkeypa
         return real_sample(self, num, *args, **kwargs)
 
     monkeypatch.setattr(type(model), "sample", recording)
-    monkeypatch.setattr(cli, "SAMPLE_BATCH_ELEMENTS", 20 * 3)  # 3 rows of n = 20
+    monkeypatch.setattr(memory, "rows_per_chunk", lambda *args, **kwargs: 3)
     result = bdiff("sample", out, "-n", 10, "--seed", 5)
     assert result.returncode == 0, result.stderr
     assert sizes == [3, 3, 3, 1]
@@ -387,7 +387,8 @@ def test_the_progress_bar_shows_both_as_minus_elbo(tmp_path):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         train(config, tmp_path, progress=True, log=lambda *_: None)
-    final = err.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    training = [line for line in err.getvalue().replace("\r", "\n").splitlines() if line.startswith("train")]
+    final = training[-1]  # the training bar's last state (the final evaluation's bars follow it)
     history = list(csv_rows(tmp_path / "history.csv"))[-1]
     assert f"-ELBO bits/seq: train {float(history['loss_bits']):.3f}, val {-float(history['val_elbo_bits']):.3f}" \
         in final, final
@@ -477,9 +478,10 @@ def test_bound_curve_draws_the_known_references(monkeypatch, tmp_path):
 
 def test_reference_bounds_of_heartbeat():
     from bdiff_pyro.data import load_dataset
+    from bdiff_pyro.diffusion.kernels import BernoulliKernel
+    from bdiff_pyro.diffusion.oracle import oracle_bound
+    from bdiff_pyro.diffusion.schedules import make_beta_tilde
     from bdiff_pyro.evaluation import reference_bounds
-    from bdiff_pyro.kernels import BernoulliKernel, make_beta_tilde
-    from bdiff_pyro.oracle import oracle_bound
 
     config = load_config(CONFIG, ["model.T=5"])
     dataset = load_dataset(config.data)
@@ -491,7 +493,7 @@ def test_reference_bounds_of_heartbeat():
     assert abs(references["oracle K*"] - mean) < 4 * se
     assert list(reference_bounds(kernel, dataset, max_cost=1)) == ["truth (data log-likelihood)"]
     # an absorbing kernel's exact oracle is too large for one step: no oracle line, no error
-    from bdiff_pyro.kernels import make_kernel
+    from bdiff_pyro.diffusion.kernels import make_kernel
 
     absorbing = make_kernel("absorbing", make_beta_tilde("cosine", 5), 2, 0.5)
     assert list(reference_bounds(absorbing, dataset)) == ["truth (data log-likelihood)"]
@@ -543,14 +545,14 @@ def test_gif_titles_are_inside_the_frame(monkeypatch, tmp_path):
 def test_compare_legend_fits_a_one_panel_grid(monkeypatch, tmp_path):
     import matplotlib.pyplot as plt
 
-    from bdiff_pyro import compare
+    from bdiff_pyro import crosscheck
 
     kept = []
     monkeypatch.setattr(plt, "close", lambda fig: kept.append(fig))
     rows = [dict(network="random", schedule="cosine", n=3, T=T, K_analytic=-2.0, elbo_traceenum=-2.0,
                  trace_elbo=-2.1, trace_elbo_se=0.05, log_p_exact=-1.7, log_p_importance=-1.7,
                  log_p_importance_se=0.03) for T in (3, 5)]
-    compare.plot_bounds(rows, {"grid": {"schedules": ["cosine"], "n": [3], "T": [3, 5]}, "data": {"period": 3}},
+    crosscheck.plot_bounds(rows, {"grid": {"schedules": ["cosine"], "n": [3], "T": [3, 5]}, "data": {"period": 3}},
                         tmp_path / "c.png")
     fig = kept[0]
     fig.canvas.draw()

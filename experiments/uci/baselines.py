@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-from bdiff_pyro.autoregressive import FVSBN, MADE, MADE_WEIGHT_DECAYS, negative_log_likelihood_summary  # noqa: E402
-from bdiff_pyro.baselines import ALPHA_GRID, COMPONENT_GRID, IndependentBernoulli, select_mixture  # noqa: E402
+from bdiff_pyro.baselines.autoregressive import FVSBN, MADE, MADE_WEIGHT_DECAYS, negative_log_likelihood_summary  # noqa: E402
+from bdiff_pyro.baselines.mixture import ALPHA_GRID, COMPONENT_GRID, IndependentBernoulli, select_mixture  # noqa: E402
 from bdiff_pyro.errors import UserError  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent / "data"

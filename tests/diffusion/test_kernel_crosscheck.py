@@ -3,10 +3,10 @@ Pyro's TraceEnum_ELBO, and the exact likelihood is normalised and above the boun
 
 import pytest
 import torch
-
-from bdiff_pyro.bound import all_states, elbo_exact
-from bdiff_pyro.enumerate import enumerated_elbo, exact_log_likelihood
 from conftest import KERNEL_CASES, make_kernel_process
+
+from bdiff_pyro.diffusion.bound import all_states, elbo_exact
+from bdiff_pyro.programs.enumeration import enumerated_elbo, exact_log_likelihood
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +50,7 @@ def test_analytic_bound_equals_trace_enum_for_every_kernel(case, parameterisatio
 def test_per_sequence_steps_match_one_step_at_a_time_with_finite_gradients(case, parameterisation, inputs):
     """The training path (one t per sequence, t = 1 rows for learned edges) equals step-by-step
     evaluation, and its gradient is finite even where a kernel has zeros (absorbing)."""
-    from bdiff_pyro.bound import sample_x_t, step_term
+    from bdiff_pyro.diffusion.bound import sample_x_t, step_term
     process = make_kernel_process(case, n=2, T=4, parameterisation=parameterisation, inputs=inputs)
     x0 = all_states(2, case[1]).repeat(4, 1)
     first = 2 if process.kernel.closed_form_edge else 1

@@ -8,6 +8,8 @@ It takes the same arguments as the reverse program, as SVI requires of a guide.
 
 import pyro
 
+from bdiff_pyro.programs.sites import state_dist
+
 
 def forward_chain(kernel, x0, num_sequences=None):
     """Draw one trajectory x^1..x^T per sequence of x0 (num, n); returns x^T."""
@@ -15,5 +17,5 @@ def forward_chain(kernel, x0, num_sequences=None):
     with pyro.plate("sequences", num, dim=-2), pyro.plate("dims", n, dim=-1):
         x = x0
         for t in pyro.markov(range(1, kernel.T + 1)):
-            x = pyro.sample(f"x_{t}", kernel.site_dist(kernel.q_step_log_probs(x, t)))
+            x = pyro.sample(f"x_{t}", state_dist(kernel, kernel.q_step_log_probs(x, t)))
     return x

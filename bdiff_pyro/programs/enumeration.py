@@ -36,8 +36,8 @@ from pyro import poutine
 from pyro.infer import Importance, Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.poutine.util import prune_subsample_sites
 
-from .errors import UserError
-from .forward import forward_chain
+from bdiff_pyro.errors import UserError
+from bdiff_pyro.programs.forward import forward_chain
 
 #: Largest number of joint states per time slice (K^n) that the exact computations accept
 #: by default: the enumerated tensors hold S^2 numbers per time step.

@@ -40,23 +40,14 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
-from torch import nn
 from torch.nn import functional as F
 
-from .errors import UserError
-from .kernels import normalise, posterior_table
+from bdiff_pyro.diffusion.kernels import normalise, posterior_table
+from bdiff_pyro.errors import UserError
+from bdiff_pyro.programs.sites import state_dist
 
-ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU}
 PARAMETERISATIONS = ("direct", "x0")
 INPUTS = ("state", "evidence", "log_evidence")
-
-
-def sinusoidal_embedding(t, dim):
-    """[sin(t w_k), cos(t w_k)] with w_k = 10000^(-k / (dim/2)): the transformer time code."""
-    half = dim // 2
-    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
-    angles = torch.as_tensor(t, dtype=torch.float64).unsqueeze(-1) * frequencies
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
 def _per_state(table, t, x):
@@ -101,56 +92,6 @@ def binary_mixture_logits(log_posterior, x_t, x0_logits):
     p0 = p_x0_0 * picked[0][0] + p_x0_1 * picked[1][0]
     p1 = p_x0_0 * picked[0][1] + p_x0_1 * picked[1][1]
     return p1.log() - p0.log()
-
-
-class ReverseNet(nn.Module):
-    """An MLP from per-position features of x^t and the time t to n x (K-1) logits (the
-    logit of state 0 is fixed at 0).
-
-    Input: ``num_features`` numbers per position (by default K - 1: the one-hot code of the
-    state without its state-0 column, for bits x^t itself) and a sinusoidal embedding of t.
-    The first layer is split into a state part and a time part so that, when every sequence
-    shares t (sampling), the time part is computed once per step.  With ``film``, the time
-    also scales and shifts every layer's pre-activation (FiLM, Perez et al. 2018):
-    a_l = (1 + gamma_l(t)) * (W_l h + b_l) + beta_l(t), which lets one network weigh its
-    inputs differently at each noise level; gamma and beta start at zero.  One network for
-    all steps: its size does not grow with T.
-    """
-
-    def __init__(self, n, num_states, hidden=(128, 128), activation="silu", time_embedding=32, num_features=None,
-                 film=False):
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise UserError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        self.n, self.num_states, self.time_embedding = n, num_states, time_embedding
-        self.num_features = num_states - 1 if num_features is None else num_features
-        self.state_in = nn.Linear(n * self.num_features, hidden[0])
-        self.time_in = nn.Linear(time_embedding, hidden[0], bias=False)
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(hidden[:-1], hidden[1:]))
-        self.out = nn.Linear(hidden[-1], n * (num_states - 1))
-        self.act = ACTIVATIONS[activation]()
-        self.film = nn.ModuleList(nn.Linear(time_embedding, 2 * size) for size in hidden) if film else None
-        if film:
-            for layer in self.film:
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
-
-    def forward(self, features, t):
-        """(..., n, num_features) features and an int or per-sequence t -> (..., n, K - 1)
-        logits of states 1..K-1 against state 0."""
-        dtype = self.state_in.weight.dtype
-        time = sinusoidal_embedding(t, self.time_embedding).to(dtype)
-        pre = self.state_in(features.to(dtype).flatten(-2))
-        for l, layer in enumerate([None, *self.hidden]):
-            if layer is not None:
-                pre = layer(h)
-            if self.film is not None:
-                scale, shift = self.film[l](time).chunk(2, dim=-1)
-                pre = torch.addcmul(pre + shift, pre, scale)
-            if l == 0:
-                pre = pre + self.time_in(time)
-            h = self.act(pre)
-        return self.out(h).unflatten(-1, (self.n, self.num_states - 1))
 
 
 class ReverseProcess(PyroModule):
@@ -305,7 +246,7 @@ class ReverseProcess(PyroModule):
         """The generative Pyro program; x^0 is observed when ``x0`` is given."""
         num = x0.shape[0] if x0 is not None else num_sequences
         with pyro.plate("sequences", num, dim=-2), pyro.plate("dims", self.n, dim=-1):
-            x = pyro.sample(f"x_{self.T}", self.kernel.site_dist(self.kernel.prior_log_probs((num, self.n))))
+            x = pyro.sample(f"x_{self.T}", state_dist(self.kernel, self.kernel.prior_log_probs((num, self.n))))
             for t in pyro.markov(range(self.T, 0, -1)):
                 x = pyro.sample(f"x_{t - 1}", self.step_dist(x, t), obs=x0 if t == 1 else None)
         return x
@@ -325,7 +266,7 @@ class ReverseProcess(PyroModule):
         with rng, torch.no_grad():
             if seed is not None:
                 torch.manual_seed(seed)
-            x = self.kernel.site_dist(self.kernel.prior_log_probs((num, self.n))).sample()
+            x = self.kernel.sample_states(self.kernel.prior_log_probs((num, self.n)))
             if steps is None:
                 for t in range(self.T, 0, -1):
                     x = self.step_dist(x, t).sample()

@@ -16,10 +16,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
-from bdiff_pyro.bound import LN2, all_states, elbo_exact, log_prob_of
-from bdiff_pyro.kernels import BernoulliKernel, make_beta_tilde
-from bdiff_pyro.oracle import (OracleReverse, count_configurations, data_entropy_bits, oracle_bound,
-                               oracle_elbo_exact, oracle_main, oracle_report)
+from bdiff_pyro.diffusion.bound import LN2, all_states, elbo_exact, log_prob_of
+from bdiff_pyro.diffusion.kernels import BernoulliKernel
+from bdiff_pyro.diffusion.oracle import (
+    OracleReverse,
+    count_configurations,
+    data_entropy_bits,
+    oracle_bound,
+    oracle_elbo_exact,
+    oracle_report,
+)
+from bdiff_pyro.diffusion.schedules import make_beta_tilde
+from bdiff_pyro.evaluation import oracle_for_config, oracle_samples_report
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -294,7 +303,7 @@ def test_oracle_main_on_configs(tmp_path):
 
     config = config_from_dict({"data": {"kind": "heartbeat", "n": 10, "period": 5},
                                "model": {"T": 30, "schedule": "cosine", "pi_1": 0.5}})
-    report = oracle_main(config)
+    report = oracle_for_config(config)
     kernel = make_kernel("cosine", 30, 0.5)
     expected = float(oracle_elbo_exact(kernel, heartbeat_patterns(10, 5)).mean()) / LN2
     assert report["elbo_bits"] == pytest.approx(expected, abs=1e-12)
@@ -306,7 +315,7 @@ def test_oracle_main_on_configs(tmp_path):
     config = config_from_dict({"data": {"kind": "text", "train": str(tmp_path / "train.txt"),
                                         "val": str(tmp_path / "val.txt")},
                                "model": {"T": 12, "schedule": "power", "schedule_power": 2.0, "pi_1": "data"}})
-    report = oracle_main(config)
+    report = oracle_for_config(config)
     pi_1 = 10 / 16  # the training mean
     kernel = BernoulliKernel(make_beta_tilde("power", 12, 2.0), pi_1)
     patterns = torch.tensor([[0, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.float64)
@@ -342,7 +351,7 @@ def test_schedule_study_script_refuses_to_overwrite(tmp_path):
 
     from bdiff_pyro.errors import UserError
 
-    path = Path(__file__).parents[1] / "experiments" / "schedule_study.py"
+    path = Path(__file__).parents[2] / "experiments" / "schedule_study.py"
     spec = importlib.util.spec_from_file_location("schedule_study", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
@@ -363,7 +372,6 @@ def test_oracle_samples_match_the_exact_distribution_of_x0():
     """The fraction of oracle samples on each pattern agrees (4 standard errors) with the
     oracle's marginal p(x^0) computed exactly by pushing pi through every reverse step over all
     2^n states in float64."""
-    from bdiff_pyro.oracle import oracle_samples_report
 
     n, T = 3, 4
     kernel = make_kernel("cosine", T, 0.5)

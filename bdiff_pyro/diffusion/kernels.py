@@ -1,4 +1,4 @@
-"""Noise schedules and discrete transition kernels: closed forms only, no training.
+"""Discrete transition kernels: closed forms only, no training (docs/math.md sections 1, 4).
 
 A kernel acts independently on each of the n dimensions of a sequence; each dimension
 takes one of K states (K = 2 for bits). It is described by row-stochastic matrices
@@ -18,59 +18,12 @@ They are derived from the configuration, so they are not saved in checkpoints.
 
 import math
 
-import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .errors import UserError
-
-# ---------------------------------------------------------------------------------------
-# Schedules: a schedule is beta~_t for t = 0..T, increasing from beta~_0 = 0 (DESIGN.md 1).
-
-
-def beta_tilde_paper(T):
-    """The paper's binary schedule beta_t = 1/(T - t + 1), i.e. beta~_t = t / T."""
-    return torch.arange(T + 1, dtype=torch.float64) / T
-
-
-def beta_tilde_cosine(T):
-    """Cosine schedule beta~_t = 1 - cos(pi t / 2T): gentle start, beta~_T = 1."""
-    t = torch.arange(T + 1, dtype=torch.float64)
-    beta_tilde = 1.0 - torch.cos(math.pi * t / (2 * T))
-    beta_tilde[-1] = 1.0  # cos(pi/2) is 6e-17 in floating point, not 0
-    return beta_tilde
-
-
-def beta_tilde_power(T, power):
-    """Power family beta~_t = (t / T)^power; power > 1 starts gently (power = 1: paper)."""
-    return (torch.arange(T + 1, dtype=torch.float64) / T) ** power
-
-
-SCHEDULES = {
-    "paper": lambda T, power: beta_tilde_paper(T),
-    "cosine": lambda T, power: beta_tilde_cosine(T),
-    "power": beta_tilde_power,
-}
-
-
-def make_beta_tilde(name, T, power=2.0):
-    """beta~_0..beta~_T for the named schedule (one of ``SCHEDULES``)."""
-    if name not in SCHEDULES:
-        raise UserError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name](T, power)
-
-
-def betas_from_beta_tilde(beta_tilde):
-    """Per-step rates from the cumulative ones: 1 - beta_t = (1 - beta~_t) / (1 - beta~_{t-1}).
-
-    betas[0] = 0.  Where beta~_{t-1} = 1 the chain has already forgotten x^0 and beta_t = 1.
-    """
-    keep = 1.0 - beta_tilde
-    betas = torch.zeros_like(beta_tilde)
-    previous = keep[:-1]
-    betas[1:] = torch.where(previous > 0, 1.0 - keep[1:] / previous, torch.ones_like(previous))
-    return betas
-
+from bdiff_pyro import registry
+from bdiff_pyro.diffusion.schedules import betas_from_beta_tilde
+from bdiff_pyro.errors import UserError
 
 # ---------------------------------------------------------------------------------------
 # Kernels
@@ -115,6 +68,12 @@ class DiscreteKernel(nn.Module):
     def num_data_states(self):
         """States data can take (all K, except for kernels with an extra mask state)."""
         return self.num_states
+
+    @classmethod
+    def build(cls, beta_tilde, num_states, pi_1=0.5):
+        """The kernel for a schedule and data with ``num_states`` states per dimension: how
+        ``make_kernel`` builds a registered kernel (``pi_1`` is for two-state kernels)."""
+        return cls(beta_tilde, num_states)
 
     def __init__(self, T, num_states):
         super().__init__()
@@ -215,12 +174,16 @@ class DiscreteKernel(nn.Module):
         x1 = _index(x1)
         return self.q_step_likelihood(x1, 1) + self.log_pi - self.log_pi[x1].unsqueeze(-1)
 
-    def site_dist(self, log_probs):
-        """The Pyro distribution of one time slice: Bernoulli sites for K = 2 (values 0./1.),
-        Categorical otherwise.  Batch shape log_probs.shape[:-1]."""
+    def sample_states(self, log_probs, generator=None):
+        """One draw of every position from log_probs (..., n, K): floats 0./1. for K = 2,
+        integer codes otherwise.  The same torch operations, hence the same draws for the same
+        random state, as sampling the Pyro sites of ``bdiff_pyro.programs.reverse.state_dist``
+        (Bernoulli on the logit, Categorical on the normalised logits)."""
         if self.num_states == 2:
-            return dist.Bernoulli(logits=log_probs[..., 1] - log_probs[..., 0])
-        return dist.Categorical(logits=log_probs)
+            return torch.bernoulli(torch.sigmoid(log_probs[..., 1] - log_probs[..., 0]), generator=generator)
+        probs = torch.softmax(normalise(log_probs), dim=-1)
+        draws = torch.multinomial(probs.reshape(-1, self.num_states), 1, True, generator=generator)
+        return draws.reshape(probs.shape[:-1])
 
 
 def safe_logsumexp(log_terms, dim):
@@ -314,6 +277,12 @@ class ResampleKernel(DiscreteKernel):
 class BernoulliKernel(ResampleKernel):
     """Bit-flip diffusion: q(x^t_i | x^{t-1}_i) = Bern(x^{t-1}_i (1 - beta_t) + beta_t pi_1)."""
 
+    @classmethod
+    def build(cls, beta_tilde, num_states, pi_1=0.5):
+        if num_states != 2:
+            raise UserError(f"the bernoulli kernel has 2 states, not {num_states}; use uniform, absorbing or gaussian")
+        return cls(beta_tilde, pi_1)
+
     def __init__(self, beta_tilde, pi_1=0.5):
         if not 0.0 < float(pi_1) < 1.0:
             raise UserError(f"pi_1 must lie strictly between 0 and 1 (got {pi_1})")
@@ -406,16 +375,7 @@ class DiscretisedGaussianKernel(DiscreteKernel):
         return Q
 
 
-KERNELS = {
-    "bernoulli": lambda beta_tilde, num_states, pi_1: BernoulliKernel(beta_tilde, pi_1),
-    "uniform": lambda beta_tilde, num_states, pi_1: UniformKernel(beta_tilde, num_states),
-    "absorbing": lambda beta_tilde, num_states, pi_1: AbsorbingKernel(beta_tilde, num_states),
-    "gaussian": lambda beta_tilde, num_states, pi_1: DiscretisedGaussianKernel(beta_tilde, num_states),
-}
-
-
 def make_kernel(name, beta_tilde, num_states=2, pi_1=0.5):
-    """A kernel by name (one of ``KERNELS``) for data with ``num_states`` states per dimension."""
-    if name not in KERNELS:
-        raise UserError(f"unknown kernel {name!r}; choose one of {sorted(KERNELS)}")
-    return KERNELS[name](beta_tilde, num_states, pi_1)
+    """A kernel by name (``bdiff_pyro.registry.KERNELS``) for data with ``num_states`` states per
+    dimension; ``pi_1`` is read only by kernels that take it (bernoulli)."""
+    return registry.resolve(registry.KERNELS, name, "kernel").build(beta_tilde, num_states, pi_1)

@@ -27,11 +27,14 @@ import pyro
 import torch
 import yaml
 
-from . import bound
-from . import enumerate as enum
-from .errors import UserError
-from .kernels import SCHEDULES, BernoulliKernel, make_beta_tilde
-from .reverse import PARAMETERISATIONS, ReverseNet, ReverseProcess
+from bdiff_pyro import registry
+from bdiff_pyro.diffusion import bound
+from bdiff_pyro.diffusion.kernels import BernoulliKernel
+from bdiff_pyro.diffusion.schedules import make_beta_tilde
+from bdiff_pyro.errors import UserError
+from bdiff_pyro.networks.mlp import MLP
+from bdiff_pyro.programs import enumeration
+from bdiff_pyro.programs.reverse import PARAMETERISATIONS, ReverseProcess
 
 LN2 = math.log(2.0)
 
@@ -97,13 +100,13 @@ def load_config(path):
     for n in config["grid"]["n"]:
         if not (isinstance(n, int) and period <= n):
             raise UserError(f"every grid n must be an integer >= data.period = {period} (got {n!r})")
-        enum.check_enumerable(n)
+        enumeration.check_enumerable(n)
     for T in config["grid"]["T"]:
         if not (isinstance(T, int) and T >= 2):
             raise UserError(f"every grid T must be an integer >= 2 (got {T!r})")
     for name in config["grid"]["schedules"] + [config["scaling"]["schedule"]]:
-        if name not in SCHEDULES:
-            raise UserError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+        if name not in registry.SCHEDULES:
+            raise UserError(f"unknown schedule {name!r}; choose one of {sorted(registry.SCHEDULES)}")
     if config["network"]["parameterisation"] not in PARAMETERISATIONS:
         raise UserError(f"network.parameterisation must be one of {PARAMETERISATIONS}")
     if config["estimators"]["trace_elbo_batches"] < 2:
@@ -129,7 +132,7 @@ def make_process(n, T, schedule, config, seed):
     torch.manual_seed(seed)
     kernel = BernoulliKernel(make_beta_tilde(schedule, T), pi_1=config["kernel"]["pi_1"])
     network = config["network"]
-    net = ReverseNet(n, 2, hidden=tuple(network["hidden"]), activation=network["activation"],
+    net = MLP(n, 2, hidden=tuple(network["hidden"]), activation=network["activation"],
                      time_embedding=network["time_embedding"])
     return ReverseProcess(kernel, net, network["parameterisation"]).double()
 
@@ -205,11 +208,11 @@ def evaluate(process, x0, config):
     with torch.no_grad():
         analytic, t_analytic = timed(bound.elbo_exact, kernel, process.log_probs, x0)
         k_value = analytic - bound.pi_correction(kernel, x0)
-    traceenum, t_enum = timed(enum.enumerated_elbo, process, x0)
-    log_p, t_log_p = timed(enum.exact_log_likelihood, process, x0)
-    mc_sum, mc_se_sum = enum.trace_elbo_estimate(process, x0, est["trace_elbo_particles"],
+    traceenum, t_enum = timed(enumeration.enumerated_elbo, process, x0)
+    log_p, t_log_p = timed(enumeration.exact_log_likelihood, process, x0)
+    mc_sum, mc_se_sum = enumeration.trace_elbo_estimate(process, x0, est["trace_elbo_particles"],
                                                  est["trace_elbo_batches"])
-    is_values, is_se, is_ess = enum.importance_log_likelihood(process, x0, est["importance_samples"],
+    is_values, is_se, is_ess = enumeration.importance_log_likelihood(process, x0, est["importance_samples"],
                                                               return_ess=True)
     bits = lambda v: float(v) / LN2  # noqa: E731
     return {
@@ -238,13 +241,13 @@ def scaling_rows(config, progress):
     for n in range(1, sc["n_max_analytic"] + 1):
         process = make_process(n, T, sc["schedule"], config, config["seed"] + 1000 + n)
         x0 = periodic_patterns(n, min(config["data"]["period"], n))[:1]
-        S = enum.num_joint_states(n)
+        S = enumeration.num_joint_states(n)
         row = {"n": n, "T": T, "states_per_slice": S}
         with torch.no_grad(), PeakMemory() as memory:
             row["seconds_analytic"] = best_time(bound.elbo_exact, process.kernel, process.log_probs, x0)
         row["peak_mb_analytic"] = memory.peak and memory.peak / 2**20
-        for name, function in (("traceenum_elbo", enum.enumerated_elbo),
-                               ("exact_log_likelihood", enum.exact_log_likelihood)):
+        for name, function in (("traceenum_elbo", enumeration.enumerated_elbo),
+                               ("exact_log_likelihood", enumeration.exact_log_likelihood)):
             needed = BYTES_PER_STEP_STATE_PAIR[name] * T * S * S
             row[f"estimated_gb_{name}"] = needed / 2**30
             if n <= sc["n_max_enumerated"] and needed <= budget:

@@ -18,7 +18,7 @@ import functools
 import numpy as np
 import torch
 
-from .data import Dataset
+from bdiff_pyro.data.datasets import Dataset
 
 BINARY_THRESHOLD = 8  # pixel >= 8 (of 0..16) -> 1
 NUM_LEVELS = 4  # quantise: grey 0..16 -> level floor(v * 4 / 17) in 0..3

@@ -8,8 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bdiff_pyro.bound import all_states, entropy, kl_categorical
-from bdiff_pyro.kernels import BernoulliKernel, betas_from_beta_tilde, make_beta_tilde
+from bdiff_pyro.diffusion.bound import all_states, entropy, kl_categorical
+from bdiff_pyro.diffusion.kernels import BernoulliKernel
+from bdiff_pyro.diffusion.schedules import betas_from_beta_tilde, make_beta_tilde
 
 SCHEDULES = [("paper", 2.0), ("cosine", 2.0), ("power", 3.0), ("power", 0.7)]
 
@@ -142,7 +143,7 @@ from conftest import KERNEL_CASES  # noqa: E402
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[0]}{c[1]}")
 @pytest.mark.parametrize("schedule", ["paper", "cosine"])
 def test_every_kernel_is_a_consistent_markov_chain(case, schedule):
-    from bdiff_pyro.kernels import DiscreteKernel, make_kernel
+    from bdiff_pyro.diffusion.kernels import DiscreteKernel, make_kernel
     name, num_states, pi_1 = case
     kernel = make_kernel(name, make_beta_tilde(schedule, 11), num_states, pi_1 or 0.5)
     Q, Qbar, pi = kernel.log_Q.exp(), kernel.log_Qbar.exp(), kernel.pi
@@ -156,14 +157,14 @@ def test_every_kernel_is_a_consistent_markov_chain(case, schedule):
 
 
 def test_gaussian_kernel_is_symmetric_and_prefers_near_states():
-    from bdiff_pyro.kernels import DiscretisedGaussianKernel
+    from bdiff_pyro.diffusion.kernels import DiscretisedGaussianKernel
     Q = DiscretisedGaussianKernel(make_beta_tilde("cosine", 20), 5).log_Q.exp()
     assert torch.allclose(Q, Q.transpose(-1, -2), atol=1e-14)
     assert torch.all(Q[5, 0, 1:] [:-1] >= Q[5, 0, 1:][1:])  # from state 0: nearer levels likelier
 
 
 def test_absorbing_kernel_masks_and_never_unmasks():
-    from bdiff_pyro.kernels import AbsorbingKernel
+    from bdiff_pyro.diffusion.kernels import AbsorbingKernel
     kernel = AbsorbingKernel(make_beta_tilde("cosine", 10), 3)
     assert kernel.num_states == 4 and not kernel.closed_form_edge
     assert torch.allclose(kernel.log_Qbar[10].exp()[:, 3], torch.ones(4, dtype=torch.float64))

@@ -9,12 +9,15 @@ import pyro
 import pytest
 import torch
 
-from bdiff_pyro import bound
-from bdiff_pyro import enumerate as enum
+from bdiff_pyro.diffusion import bound
+from bdiff_pyro.diffusion.kernels import BernoulliKernel
+from bdiff_pyro.diffusion.schedules import make_beta_tilde
 from bdiff_pyro.errors import UserError
-from bdiff_pyro.forward import forward_chain
-from bdiff_pyro.kernels import BernoulliKernel, make_beta_tilde
-from bdiff_pyro.reverse import ReverseNet, ReverseProcess
+from bdiff_pyro.networks.mlp import MLP
+from bdiff_pyro.programs import enumeration
+from bdiff_pyro.programs.forward import forward_chain
+from bdiff_pyro.programs.reverse import ReverseProcess
+from bdiff_pyro.programs.sites import state_dist
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,7 +35,7 @@ def make_process(n, T, schedule="cosine", pi_1=0.5, parameterisation="x0", seed=
     probabilities vary strongly with x^t (a near-constant network would hide coupling)."""
     torch.manual_seed(seed)
     kernel = BernoulliKernel(make_beta_tilde(schedule, T), pi_1=pi_1)
-    net = ReverseNet(n, 2, hidden=(16, 16), activation="tanh", time_embedding=8)
+    net = MLP(n, 2, hidden=(16, 16), activation="tanh", time_embedding=8)
     with torch.no_grad():
         net.out.weight.mul_(sharpness)
         net.out.bias.normal_()
@@ -60,8 +63,8 @@ def results(n, T, schedule, pi_1, parameterisation, seed):
     return dict(
         analytic=analytic,
         pi_correction=bound.pi_correction(process.kernel, x0),
-        traceenum=enum.enumerated_elbo(process, x0),
-        log_likelihood=enum.exact_log_likelihood(process, x0),
+        traceenum=enumeration.enumerated_elbo(process, x0),
+        log_likelihood=enumeration.exact_log_likelihood(process, x0),
     )
 
 
@@ -115,29 +118,29 @@ def test_exact_likelihood_equals_brute_force_sum_over_trajectories(n, T, pi_1, p
     x0 = bound.all_states(n)
     with torch.no_grad():
         expected = brute_force_log_likelihood(process, x0)
-    assert torch.allclose(enum.exact_log_likelihood(process, x0), expected, rtol=0, atol=1e-10)
+    assert torch.allclose(enumeration.exact_log_likelihood(process, x0), expected, rtol=0, atol=1e-10)
 
 
 def test_exact_likelihood_refuses_long_sequences_with_a_clear_message():
     process = make_process(13, 2)
     with pytest.raises(UserError) as info:
-        enum.exact_log_likelihood(process, torch.zeros(1, 13, dtype=torch.float64))
+        enumeration.exact_log_likelihood(process, torch.zeros(1, 13, dtype=torch.float64))
     message = str(info.value)
     assert "\n" not in message and "2^13 = 8192 states" in message
     # n = 12 is accepted (4096 states): the limit is the one the message states
-    enum.check_enumerable(12)
+    enumeration.check_enumerable(12)
     process = make_process(3, 2)
     for bad in (torch.zeros(2, 4), torch.full((2, 3), 2.0), torch.zeros(3)):
         with pytest.raises(UserError):
-            enum.exact_log_likelihood(process, bad)
+            enumeration.exact_log_likelihood(process, bad)
 
 
 def test_exact_likelihood_handles_repeated_rows_and_batches():
     process = make_process(3, 3, "cosine", 0.2, "x0", seed=3)
     states = bound.all_states(3)
     x0 = states[torch.tensor([5, 1, 5, 7, 1])]
-    together = enum.exact_log_likelihood(process, x0)
-    alone = torch.stack([enum.exact_log_likelihood(process, row[None])[0] for row in x0])
+    together = enumeration.exact_log_likelihood(process, x0)
+    alone = torch.stack([enumeration.exact_log_likelihood(process, row[None])[0] for row in x0])
     assert torch.allclose(together, alone, rtol=0, atol=1e-12)
     assert together[0] != together[1]
 
@@ -150,12 +153,12 @@ def test_joint_transition_is_the_kronecker_product_of_per_bit_matrices():
     kernel = BernoulliKernel(make_beta_tilde("cosine", 4), pi_1=0.2)
     n, t = 3, 2
     states = bound.all_states(n)
-    joint = enum.joint_log_probs(kernel.q_step_log_probs(states, t)).exp()  # (S, S)
+    joint = enumeration.joint_log_probs(kernel.q_step_log_probs(states, t)).exp()  # (S, S)
     Q = kernel.log_Q[t].exp()
     assert torch.allclose(joint, torch.kron(torch.kron(Q, Q), Q), rtol=0, atol=1e-14)
     codes = torch.arange(2**n)
-    assert torch.equal(enum.decode(codes, n), states)
-    assert torch.equal(enum.encode(states), codes)
+    assert torch.equal(enumeration.decode(codes, n), states)
+    assert torch.equal(enumeration.encode(states), codes)
 
 
 def test_joint_guide_is_the_forward_chain():
@@ -164,7 +167,7 @@ def test_joint_guide_is_the_forward_chain():
     process = make_process(3, 4, "paper", 0.2, "direct", seed=11)
     pyro.set_rng_seed(0)
     x0 = bound.all_states(3)
-    trajectories = enum.sample_trajectories(process, x0, 64)  # (64, 8, 3) per site
+    trajectories = enumeration.sample_trajectories(process, x0, 64)  # (64, 8, 3) per site
 
     def log_q(guide, data):
         trace = pyro.poutine.trace(pyro.poutine.condition(guide, data=data)).get_trace(x0)
@@ -172,12 +175,12 @@ def test_joint_guide_is_the_forward_chain():
                    for name, site in trace.nodes.items() if site["type"] == "sample" and name != "sequences"
                    and name.startswith("x_"))
 
-    per_bit = log_q(enum._vectorised(functools.partial(forward_chain, process.kernel), 64), trajectories)
-    codes = {name: enum.encode(value) for name, value in trajectories.items()}
+    per_bit = log_q(enumeration._vectorised(functools.partial(forward_chain, process.kernel), 64), trajectories)
+    codes = {name: enumeration.encode(value) for name, value in trajectories.items()}
 
     def joint(x0_):
         with pyro.plate("trajectories", 64, dim=-2):
-            return enum.joint_guide(process, x0_)
+            return enumeration.joint_guide(process, x0_)
 
     assert torch.allclose(log_q(joint, codes), per_bit, rtol=0, atol=1e-12)
 
@@ -195,7 +198,7 @@ def test_trace_elbo_within_four_standard_errors_of_the_exact_elbo(n, T, schedule
     with torch.no_grad():
         exact = float(bound.elbo_exact(process.kernel, process.log_probs, x0).sum())
     pyro.set_rng_seed(1)
-    mean, se = enum.trace_elbo_estimate(process, x0, num_particles=512, num_batches=16)
+    mean, se = enumeration.trace_elbo_estimate(process, x0, num_particles=512, num_batches=16)
     assert se < 0.05 * abs(exact)  # the check has teeth
     assert abs(mean - exact) < 4 * se, f"{mean} vs {exact} (se {se})"
 
@@ -204,8 +207,8 @@ def test_vectorised_importance_weights_equal_pyro_importance():
     process = make_process(3, 4, "paper", 0.2, "x0", seed=2)
     row = bound.all_states(3)[5:6]
     pyro.set_rng_seed(0)
-    sequential, trajectories = enum.importance_log_weights_sequential(process, row, 40)
-    vectorised = enum.trajectory_log_weights(process, row, trajectories)[:, 0]
+    sequential, trajectories = enumeration.importance_log_weights_sequential(process, row, 40)
+    vectorised = enumeration.trajectory_log_weights(process, row, trajectories)[:, 0]
     assert sequential.std() > 0.1  # distinct trajectories, not one repeated
     assert torch.allclose(vectorised, sequential, rtol=0, atol=1e-10)
 
@@ -218,22 +221,22 @@ def test_importance_sampling_between_elbo_and_likelihood_and_converging(n, T, sc
     x0 = bound.all_states(n)
     with torch.no_grad():
         elbo = bound.elbo_exact(process.kernel, process.log_probs, x0)
-    log_p = enum.exact_log_likelihood(process, x0)
+    log_p = enumeration.exact_log_likelihood(process, x0)
     assert (log_p - elbo).min() > 0.05  # room between the two, so "between" means something
     pyro.set_rng_seed(0)
     # The mean log-weight is an unbiased ELBO estimate: the weights are the right ones.
-    log_w = enum.importance_log_weights(process, x0, 8000)  # (S, B)
+    log_w = enumeration.importance_log_weights(process, x0, 8000)  # (S, B)
     se_w = log_w.std(0) / math.sqrt(log_w.shape[0])
     assert ((log_w.mean(0) - elbo).abs() < 4 * se_w).all()
     # Large S: between the ELBO and log p(x0) up to the standard error, and close to log p.
-    estimate, se = enum.importance_log_likelihood(process, x0, num_samples=8000)
+    estimate, se = enumeration.importance_log_likelihood(process, x0, num_samples=8000)
     assert (estimate > elbo - 4 * se).all() and (estimate < log_p + 4 * se).all()
     assert ((estimate - log_p).abs() < 4 * se + 1e-3).all()
     # The bias (log p - estimate), averaged over replicate estimates per x0, shrinks as
     # S grows: 2 trajectories, then 8, then 64.
     gaps, errors = [], []
     for S, R in [(2, 2000), (8, 500), (64, 60)]:
-        lw = enum.importance_log_weights(process, x0, S * R).reshape(R, S, -1).transpose(1, 2)
+        lw = enumeration.importance_log_weights(process, x0, S * R).reshape(R, S, -1).transpose(1, 2)
         per_replicate = (torch.logsumexp(lw, -1) - math.log(S))  # (R, B)
         gap = log_p - per_replicate
         gaps.append(float(gap.mean()))
@@ -253,24 +256,24 @@ def naive_plate_model(process, x0):
     Identical to process.forward when sampled; wrong when enumerated."""
     kernel, n, T = process.kernel, x0.shape[-1], process.T
     with pyro.plate("sequences", x0.shape[0], dim=-2), pyro.plate("dims", n, dim=-1):
-        x = pyro.sample(f"x_{T}", kernel.site_dist(kernel.prior_log_probs((x0.shape[0], n))))
+        x = pyro.sample(f"x_{T}", state_dist(kernel, kernel.prior_log_probs((x0.shape[0], n))))
         for t in pyro.markov(range(T, 0, -1)):
             x_in = x.expand(*x.shape[:-1], n)
-            x = pyro.sample(f"x_{t - 1}", kernel.site_dist(process.log_probs(x_in, t)),
+            x = pyro.sample(f"x_{t - 1}", state_dist(kernel, process.log_probs(x_in, t)),
                             obs=x0 if t == 1 else None)
     return x
 
 
 def plate_guide(kernel, x0):
     """The forward chain with Bernoulli sites in a plate over bits, visited x^T first like
-    enum.joint_guide (the guide itself factorises over bits, so this part is right)."""
+    enumeration.joint_guide (the guide itself factorises over bits, so this part is right)."""
     n, T = x0.shape[-1], kernel.T
     with pyro.plate("sequences", x0.shape[0], dim=-2), pyro.plate("dims", n, dim=-1):
-        x = pyro.sample(f"x_{T}", kernel.site_dist(kernel.q_marginal_log_probs(x0, T)),
+        x = pyro.sample(f"x_{T}", state_dist(kernel, kernel.q_marginal_log_probs(x0, T)),
                         infer={"enumerate": "parallel"})
         for t in pyro.markov(range(T, 1, -1)):
             x_in = x.expand(*x.shape[:-1], n)
-            x = pyro.sample(f"x_{t - 1}", kernel.site_dist(kernel.q_posterior_log_probs(x_in, x0, t)),
+            x = pyro.sample(f"x_{t - 1}", state_dist(kernel, kernel.q_posterior_log_probs(x_in, x0, t)),
                             infer={"enumerate": "parallel"})
     return x
 
@@ -308,7 +311,7 @@ def test_enumerating_the_guide_in_forward_order_is_wrong_even_for_one_bit(T):
     """forward.forward_chain enumerated as the guide of process.forward: with guide-side
     enumeration a model site only knows the enumeration dims that existed when the guide
     sampled it, and pyro.markov recycles dims, so p(x^{t-1} | x^t) is read against the wrong
-    slice.  No coupling here (n = 1): this is why enum.joint_guide visits x^T first."""
+    slice.  No coupling here (n = 1): this is why enumeration.joint_guide visits x^T first."""
     process = make_process(1, T, "cosine", 0.2, "direct", seed=9)
     x0 = bound.all_states(1)
     with torch.no_grad():
@@ -329,9 +332,9 @@ def test_compare_config_is_valid_and_a_tiny_run_writes_everything_once(tmp_path)
 
     import yaml
 
-    from bdiff_pyro.compare import OUTPUT_FILES, compare_main, load_config
+    from bdiff_pyro.crosscheck import OUTPUT_FILES, compare_main, load_config
 
-    shipped = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "compare.yaml"
+    shipped = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "compare.yaml"
     assert load_config(shipped)["grid"]["schedules"] == ["cosine", "paper"]
     tiny = yaml.safe_load(shipped.read_text())
     tiny.update(grid={"n": [3], "T": [3], "schedules": ["paper"]}, training={"steps": 3},

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from bdiff_pyro.bound import all_states, elbo_exact
-from bdiff_pyro.cli import main
 from conftest import make_kernel_process
 
-ROOT = Path(__file__).resolve().parents[1]
+from bdiff_pyro.cli import main
+from bdiff_pyro.diffusion.bound import all_states, elbo_exact
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gaussian_kernel_bound_is_the_same_in_float32_and_float64():
@@ -35,8 +35,9 @@ def test_gaussian_kernel_bound_is_the_same_in_float32_and_float64():
 def test_span_after_the_schedule_reaches_one_early(kernel_class, states):
     """beta~_2 = 1 < beta~_T: the closed-form s -> t transition equals the product of the steps
     (every step after s = 2 redraws from pi) instead of 0/0, and strided sampling across it works."""
-    from bdiff_pyro.kernels import BernoulliKernel, DiscreteKernel, UniformKernel
     from conftest import _random_process
+
+    from bdiff_pyro.diffusion.kernels import BernoulliKernel, DiscreteKernel, UniformKernel
 
     beta_tilde = torch.tensor([0, 0.5, 1, 1, 1])
     kernel = BernoulliKernel(beta_tilde) if kernel_class == "bernoulli" else UniformKernel(beta_tilde, states)
@@ -55,8 +56,9 @@ def test_span_after_the_schedule_reaches_one_early(kernel_class, states):
 
 
 def absorbing_oracle():
-    from bdiff_pyro.kernels import make_beta_tilde, make_kernel
-    from bdiff_pyro.oracle import OracleReverse
+    from bdiff_pyro.diffusion.kernels import make_kernel
+    from bdiff_pyro.diffusion.oracle import OracleReverse
+    from bdiff_pyro.diffusion.schedules import make_beta_tilde
 
     kernel = make_kernel("absorbing", make_beta_tilde("cosine", 3), num_states=2).double()
     return OracleReverse(kernel, torch.tensor([[0, 1, 1], [1, 1, 0]]))
@@ -113,9 +115,9 @@ def strict_json(text):
 def test_papers_K_is_null_where_pi_has_zeros():
     """The absorbing kernel's pi is a point mass on the mask state: log pi(x^0) = -inf, so the
     paper's K (ELBO minus the pi correction) is undefined; the reports say so instead of NaN."""
-    from bdiff_pyro.bound import pi_correction, pi_correction_undefined
+    from bdiff_pyro.diffusion.bound import pi_correction, pi_correction_undefined
+    from bdiff_pyro.diffusion.oracle import oracle_report
     from bdiff_pyro.evaluation import bound_report
-    from bdiff_pyro.oracle import oracle_report
 
     for case in [("bernoulli", 2, 0.2), ("uniform", 3, None), ("gaussian", 3, None)]:
         assert pi_correction_undefined(make_kernel_process(case).kernel) is None

@@ -6,10 +6,18 @@ import math
 
 import pytest
 import torch
-
-from bdiff_pyro.bound import (all_states, elbo_exact, elbo_replicates, entropy, log_prob_of,
-                              mean_and_standard_error, negative_elbo_estimate, pi_correction)
 from conftest import KERNEL_CASES, make_kernel_process, make_process
+
+from bdiff_pyro.diffusion.bound import (
+    all_states,
+    elbo_exact,
+    elbo_replicates,
+    entropy,
+    log_prob_of,
+    mean_and_standard_error,
+    negative_elbo_estimate,
+    pi_correction,
+)
 
 
 def brute_force_elbo(process, x0):
@@ -62,7 +70,7 @@ def test_pi_correction_and_the_papers_K(pi_1):
 
 
 def _closed(kernel, x0):
-    from bdiff_pyro.bound import closed_form_terms
+    from bdiff_pyro.diffusion.bound import closed_form_terms
     return closed_form_terms(kernel, x0)
 
 

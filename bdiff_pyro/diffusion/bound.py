@@ -129,7 +129,7 @@ def step_term(kernel, reverse_log_probs, x0, x_t, t):
 
 def sample_x_t(kernel, x0, t):
     """x^t ~ q(x^t | x^0) in closed form (t an int or one time per sequence)."""
-    return kernel.site_dist(kernel.q_marginal_log_probs(x0, t)).sample()
+    return kernel.sample_states(kernel.q_marginal_log_probs(x0, t))
 
 
 # ---------------------------------------------------------------------------------------

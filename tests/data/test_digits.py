@@ -6,11 +6,25 @@ import numpy as np
 import pytest
 import torch
 
-from bdiff_pyro.baselines import (BernoulliMixture, IndependentBernoulli, all_sequences, bits_per_sequence,
-                                  fit_mixture, select_mixture)
-from bdiff_pyro.data import Dataset
-from bdiff_pyro.digits import (BINARY_THRESHOLD, binarise, digits_dataset, digits_splits, grey_levels, image_grid,
-                               quantise, split_indices)
+from bdiff_pyro.baselines.mixture import (
+    BernoulliMixture,
+    IndependentBernoulli,
+    all_sequences,
+    bits_per_sequence,
+    fit_mixture,
+    select_mixture,
+)
+from bdiff_pyro.data.datasets import Dataset
+from bdiff_pyro.data.digits import (
+    BINARY_THRESHOLD,
+    binarise,
+    digits_dataset,
+    digits_splits,
+    grey_levels,
+    image_grid,
+    quantise,
+    split_indices,
+)
 
 
 @pytest.fixture(scope="module")

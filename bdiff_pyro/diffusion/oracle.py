@@ -25,19 +25,24 @@ chosen kernel, T and schedule.  Two ways to compute it:
 """
 
 import contextlib
-import copy
 import itertools
 import math
 
 import torch
 from torch import nn
-
 from tqdm.auto import tqdm
 
-from .bound import (LN2, closed_form_terms, elbo_replicates, entropy, first_stochastic_step, log_prob_of,
-                    papers_K_fields)
-from .errors import UserError
-from .kernels import normalise
+from bdiff_pyro.diffusion.bound import (
+    LN2,
+    closed_form_terms,
+    elbo_replicates,
+    entropy,
+    first_stochastic_step,
+    log_prob_of,
+    papers_K_fields,
+)
+from bdiff_pyro.diffusion.kernels import normalise
+from bdiff_pyro.errors import UserError
 
 
 def _check_support(patterns, weights, num_states):
@@ -156,9 +161,9 @@ class OracleReverse(nn.Module):
         with rng, torch.no_grad():
             if seed is not None:
                 torch.manual_seed(seed)
-            x = self.kernel.site_dist(self.kernel.prior_log_probs((num, self.n))).sample()
+            x = self.kernel.sample_states(self.kernel.prior_log_probs((num, self.n)))
             for t in tqdm(range(self.T, 0, -1), disable=not progress, desc="oracle samples", unit="step"):
-                x = self.kernel.site_dist(self.log_probs(x, t)).sample()
+                x = self.kernel.sample_states(self.log_probs(x, t))
         return x
 
 
@@ -364,48 +369,3 @@ def oracle_report(kernel, patterns, weights=None, replicates=16, seed=0, exact="
         "num_patterns": len(oracle.patterns),
         "method": method,
     }
-
-
-def oracle_samples_report(oracle, num, seed, progress=False):
-    """Where ``num`` of the oracle's samples fall: the fraction equal to a support pattern (what
-    the best-bound reverse process of this kernel and T gives: the reference for a trained
-    model's fraction) and the fraction equal to each pattern."""
-    from .evaluation import pattern_histogram
-
-    fractions = pattern_histogram(oracle.sample(num, seed=seed, progress=progress), oracle.patterns)
-    return {"num": num, "seed": seed, "in_support": sum(fractions), "pattern_fractions": fractions}
-
-
-def oracle_main(config, replicates=None, seed=None, exact="auto", samples=0, progress=False):
-    """The oracle report for a validated ``config.Config`` (what ``bdiff oracle CONFIG`` prints).
-
-    The support is the data set's known support (heartbeat: its shifts, equally likely); for
-    data files it is the empirical distribution of the training sequences (distinct rows weighted
-    by their counts), i.e. the oracle of the training set.  pi_1 = "data" is resolved as in
-    training.  With ``samples`` > 0, also :func:`oracle_samples_report` of that many samples.
-    ``progress``: bars for the Monte Carlo bound and the samples.
-    """
-    from .checkpoints import build_kernel
-    from .data import load_dataset
-    from .train import resolve_config
-
-    dataset = load_dataset(config.data)
-    config = resolve_config(copy.deepcopy(config), dataset)
-    if dataset.support is not None:
-        patterns, weights = dataset.support, None
-    else:
-        patterns, weights = torch.unique(dataset.train, dim=0, return_counts=True)
-    kernel = build_kernel(config.model, config.data.levels).double()
-    report = oracle_report(kernel, patterns, weights,
-                           replicates=config.evaluate.replicates if replicates is None else replicates,
-                           seed=config.seed if seed is None else seed, exact=exact,
-                           schedule=config.model.schedule,
-                           power=config.model.schedule_power if config.model.schedule == "power" else None,
-                           progress=progress)
-    report["support"] = "known" if dataset.support is not None else "empirical (training set)"
-    if samples > 0:
-        seed = config.seed if seed is None else seed
-        report["samples"] = oracle_samples_report(OracleReverse(kernel, patterns, weights), samples, seed,
-                                                     progress)
-    return report
-

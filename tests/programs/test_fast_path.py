@@ -3,12 +3,12 @@ formulas, and the evidence inputs against Bayes' rule."""
 
 import pytest
 import torch
-
-from bdiff_pyro.bound import all_states
-from bdiff_pyro.errors import UserError
-from bdiff_pyro.kernels import normalise
-from bdiff_pyro.reverse import _by_time
 from conftest import KERNEL_CASES, make_kernel_process, make_process
+
+from bdiff_pyro.diffusion.bound import all_states
+from bdiff_pyro.diffusion.kernels import normalise
+from bdiff_pyro.errors import UserError
+from bdiff_pyro.programs.reverse import _by_time
 
 
 def generic_log_probs(process, x_t, t):

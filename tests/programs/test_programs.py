@@ -7,14 +7,16 @@ import pyro
 import pyro.optim
 import pytest
 import torch
+from conftest import make_process
 from pyro import poutine
 from pyro.infer import SVI
 
-from bdiff_pyro.forward import forward_chain
-from bdiff_pyro.kernels import BernoulliKernel, make_beta_tilde
-from bdiff_pyro.reverse import ReverseNet, ReverseProcess
+from bdiff_pyro.diffusion.kernels import BernoulliKernel
+from bdiff_pyro.diffusion.schedules import make_beta_tilde
+from bdiff_pyro.networks.mlp import MLP
+from bdiff_pyro.programs.forward import forward_chain
+from bdiff_pyro.programs.reverse import ReverseProcess
 from bdiff_pyro.train import AnalyticLoss
-from conftest import make_process
 
 
 @pytest.mark.parametrize("pi_1", [0.5, 0.2])
@@ -61,7 +63,7 @@ def test_reverse_probs_api():
 
 def test_network_size_does_not_grow_with_T():
     sizes = [sum(p.numel() for p in ReverseProcess(BernoulliKernel(make_beta_tilde("cosine", T)),
-                                                   ReverseNet(20, 2, hidden=(50, 50, 50))).parameters())
+                                                   MLP(20, 2, hidden=(50, 50, 50))).parameters())
              for T in (10, 2000)]
     assert sizes[0] == sizes[1]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bdiff_pyro.config import load_config
-from bdiff_pyro.data import heartbeat, read_npy, read_text
+from bdiff_pyro.data.datasets import heartbeat, read_npy, read_text
 from bdiff_pyro.errors import UserError
 
 

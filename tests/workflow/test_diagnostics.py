@@ -4,21 +4,21 @@ the bound estimator's own standard error, and never overwriting earlier results.
 import shutil
 from pathlib import Path
 
+import arviz_base as azb
 import numpy as np
 import pytest
 import torch
 import xarray as xr
 
-import arviz_base as azb
 from bdiff_pyro import diagnostics
-from bdiff_pyro.bound import LN2, elbo_replicates, mean_and_standard_error
 from bdiff_pyro.checkpoints import load
 from bdiff_pyro.config import load_config
 from bdiff_pyro.data import load_dataset
+from bdiff_pyro.diffusion.bound import LN2, elbo_replicates, mean_and_standard_error
 from bdiff_pyro.errors import UserError
 from bdiff_pyro.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.T=6", "model.hidden=[16]", "train.steps=40", "train.eval_every=40", "train.checkpoint_every=40",
         "evaluate.num_samples=100", "evaluate.replicates=2", "train.eval_samples=100", "train.lr=0.01",
         "evaluate.diagnose=false"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bdiff_pyro.autoregressive import FVSBN, MADE, random_orderings
+from bdiff_pyro.baselines.autoregressive import FVSBN, MADE, random_orderings
 
 
 def all_states(n):

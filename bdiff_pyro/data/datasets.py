@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .errors import UserError
+from bdiff_pyro.errors import UserError
 
 NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
 
@@ -112,22 +112,3 @@ class Dataset:
     @property
     def n(self):
         return self.train.shape[1]
-
-
-def load_dataset(data_config):
-    """The training and held-out sequences a DataConfig describes."""
-    if data_config.kind == "heartbeat":
-        patterns = heartbeat(data_config.n, data_config.period, data_config.levels)
-        # The data distribution is uniform over the shifts; held-out scoring uses all of them.
-        return Dataset(train=patterns, val=patterns, support=patterns)
-    if data_config.kind == "digits":
-        from .digits import digits_splits
-        splits = digits_splits(binary=data_config.levels == 2, seed=data_config.split_seed)
-        return Dataset(train=splits["train"], val=splits["val"])
-    levels, alphabet = data_config.levels, data_config.alphabet
-    train = read_sequences(data_config.train, levels, alphabet, data_config.kind)
-    val = read_sequences(data_config.val, levels, alphabet, data_config.kind)
-    if train.shape[1] != val.shape[1]:
-        raise UserError(f"{data_config.val}: sequences of length {val.shape[1]}, "
-                        f"but {data_config.train} has length {train.shape[1]}")
-    return Dataset(train=train, val=val)

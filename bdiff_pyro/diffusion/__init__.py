@@ -1,0 +1,1 @@
+"""Schedules, kernels, the bound and the oracle's mathematics: torch only, pure functions."""

@@ -1,0 +1,1 @@
+"""Networks for the reverse step: per-position features of x^t and the time t -> logits."""

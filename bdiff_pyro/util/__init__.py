@@ -1,0 +1,1 @@
+"""Small helpers used across layers: statistics, files."""
