@@ -1,12 +1,19 @@
 """Pictures of a run: the bound curve, sample membership over training, samples, and the
-evolution of samples through training as a GIF.  Matplotlib with the Agg backend (no screen)."""
+evolution of samples through training as a GIF, and 8x8 images (the digits) tiled into one
+picture.  Matplotlib with the Agg backend (no screen)."""
+
+from typing import Optional
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import animation  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from bdiff_pyro.data.digits import SIDE  # noqa: E402
 
 
 def _save(fig, path):
@@ -98,4 +105,33 @@ def sample_evolution_gif(snapshots, path, fps=4, levels=2):
     fig.tight_layout()
     movie = animation.FuncAnimation(fig, frame, frames=len(snapshots), blit=False)
     movie.save(path, writer=animation.PillowWriter(fps=fps))
+    plt.close(fig)
+
+
+def image_grid(images, columns: int = 8, pad: int = 1) -> np.ndarray:
+    """(num, 64) images -> one 2-D array of them tiled ``columns`` wide, ``pad`` pixels apart
+    (padding is -1 so it can be drawn in a separate colour)."""
+    images = np.asarray(images, dtype=np.float64).reshape(-1, SIDE, SIDE)
+    rows = -(-len(images) // columns)
+    cell = SIDE + pad
+    grid = np.full((rows * cell + pad, columns * cell + pad), -1.0)
+    for k, image in enumerate(images):
+        r, c = divmod(k, columns)
+        grid[pad + r * cell: pad + r * cell + SIDE, pad + c * cell: pad + c * cell + SIDE] = image
+    return grid
+
+
+def save_image_grid(images, path, columns: int = 8, title: Optional[str] = None) -> None:
+    """Draw ``images`` (num, 64) as 8x8 tiles, black = 1, and save to ``path`` (PNG)."""
+    grid = np.ma.masked_less(image_grid(images, columns), 0)
+    cmap = ListedColormap(["white", "black"]) if np.isin(grid.compressed(), (0, 1)).all() else plt.get_cmap("Greys")
+    cmap = cmap.copy()
+    cmap.set_bad("#b0c4de")
+    fig, ax = plt.subplots(figsize=(0.5 * columns + 0.4, 0.5 * (grid.shape[0] / (SIDE + 1)) + 0.6))
+    ax.imshow(grid, cmap=cmap, interpolation="nearest", vmin=0, vmax=1)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -80,38 +80,3 @@ def digits_dataset(split_seed=0):
     """The binarised digits as a bdiff_pyro Dataset (train and val; test is held back)."""
     splits = digits_splits(binary=True, seed=split_seed)
     return Dataset(train=splits["train"], val=splits["val"])
-
-
-def image_grid(images, columns=8, pad=1):
-    """(num, 64) images -> one 2-D array of them tiled ``columns`` wide, ``pad`` pixels apart
-    (padding is -1 so it can be drawn in a separate colour)."""
-    images = np.asarray(images, dtype=np.float64).reshape(-1, SIDE, SIDE)
-    rows = -(-len(images) // columns)
-    cell = SIDE + pad
-    grid = np.full((rows * cell + pad, columns * cell + pad), -1.0)
-    for k, image in enumerate(images):
-        r, c = divmod(k, columns)
-        grid[pad + r * cell: pad + r * cell + SIDE, pad + c * cell: pad + c * cell + SIDE] = image
-    return grid
-
-
-def save_image_grid(images, path, columns=8, title=None):
-    """Draw ``images`` (num, 64) as 8x8 tiles, black = 1, and save to ``path`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    grid = np.ma.masked_less(image_grid(images, columns), 0)
-    cmap = ListedColormap(["white", "black"]) if np.isin(grid.compressed(), (0, 1)).all() else plt.get_cmap("Greys")
-    cmap = cmap.copy()
-    cmap.set_bad("#b0c4de")
-    fig, ax = plt.subplots(figsize=(0.5 * columns + 0.4, 0.5 * (grid.shape[0] / (SIDE + 1)) + 0.6))
-    ax.imshow(grid, cmap=cmap, interpolation="nearest", vmin=0, vmax=1)
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -21,10 +21,10 @@ from bdiff_pyro.data.digits import (
     digits_dataset,
     digits_splits,
     grey_levels,
-    image_grid,
     quantise,
     split_indices,
 )
+from bdiff_pyro.plots import image_grid
 
 
 @pytest.fixture(scope="module")
