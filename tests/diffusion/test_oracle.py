@@ -327,47 +327,6 @@ def test_oracle_main_on_configs(tmp_path):
     assert report["support"] == "empirical (training set)"
 
 
-def test_schedule_study_outputs(tmp_path):
-    from bdiff_pyro.study import DEFAULT_SPECS, T_for_gap, markdown_tables, plot_gaps, run_study, write_csv
-
-    patterns = heartbeat_patterns(6, 3)
-    rows = run_study(patterns, specs=DEFAULT_SPECS[:3], Ts=(10, 20), replicates=2)
-    assert len(rows) == 6
-    for row in rows:
-        assert row["gap_bits"] > 0 and row["elbo_bits"] == pytest.approx(-math.log2(3) - row["gap_bits"])
-    write_csv(rows, tmp_path / "study.csv")
-    assert (tmp_path / "study.csv").read_text().count("\n") == 7
-    search = T_for_gap(DEFAULT_SPECS[2], patterns, None, 0.05, known=rows, tolerance=0.05)
-    T_lo, T_hi = search["T_bracket"]
-    assert search["gaps"][T_lo] > 0.05 >= search["gaps"][T_hi] and T_hi - T_lo <= max(1, 0.05 * T_hi)
-    assert "| 10 |" in markdown_tables(rows, [search], -math.log2(3))
-    plot_gaps(rows, tmp_path / "gap.png", target=0.05)
-    assert (tmp_path / "gap.png").stat().st_size > 0
-
-
-def test_schedule_study_script_refuses_to_overwrite(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    from bdiff_pyro.errors import UserError
-
-    path = Path(__file__).parents[2] / "experiments" / "schedule_study.py"
-    spec = importlib.util.spec_from_file_location("schedule_study", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    out = tmp_path / "study"
-    argv = [str(out), "--T", "8", "16", "--n", "4", "--period", "2", "--replicates", "2", "--target-gap", "0.5"]
-    try:
-        assert script.main(argv) == 0
-        assert {p.name for p in out.iterdir()} == {"study.csv", "study.md", "gap.png", "search.json"}
-        before = (out / "study.csv").read_text()
-        with pytest.raises(UserError, match="refusing to overwrite"):
-            script.main(argv)
-        assert (out / "study.csv").read_text() == before
-    finally:
-        torch.set_num_threads(1)  # main sets the thread count; keep this module's setting
-
-
 def test_oracle_samples_match_the_exact_distribution_of_x0():
     """The fraction of oracle samples on each pattern agrees (4 standard errors) with the
     oracle's marginal p(x^0) computed exactly by pushing pi through every reverse step over all

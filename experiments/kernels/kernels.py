@@ -1,33 +1,29 @@
 """The kernel study: every applicable kernel trained with the same settings on the binary
 heartbeat and on the 8x8 digits (binary and 4 grey levels); one table, one figure.
 
-    python experiments/kernels.py [OUT_DIR] [--datasets heartbeat digits2 digits4]
+    python experiments/kernels/kernels.py [OUT_DIR] [--datasets heartbeat digits2 digits4]
                                   [--kernels bernoulli uniform absorbing gaussian]
                                   [--set KEY=VALUE ...] [--replicates 8] [--include-duplicates]
 
 Writes to OUT_DIR (default runs/kernels-<timestamp>; an existing non-empty directory is
 refused): results.json (every number, the machine and the command), results.md (the table),
 samples.png (samples side by side), and one run directory per cell (checkpoint, history,
-plots), each trainable alone as `bdiff train experiments/configs/kernel_<data>.yaml --set ...`.
+plots), each trainable alone as `bdiff train experiments/kernels/kernel_<data>.yaml --set ...`.
 The uniform kernel at K = 2 is the bernoulli kernel with pi_1 = 1/2 (the same matrices), so
 it is reported as that run unless --include-duplicates.  About 20 minutes on two busy cores.
 See docs/kernels.md.
 """
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout
-
-import torch  # noqa: E402
-
-from bdiff_pyro.errors import UserError  # noqa: E402
-from bdiff_pyro.kernel_study import (  # noqa: E402
+import torch
+from kernel_study import (
     DATASET_NAMES,
     KERNEL_ORDER,
     figure_examples,
@@ -40,10 +36,22 @@ from bdiff_pyro.kernel_study import (  # noqa: E402
     score_set,
     winners,
 )
-from bdiff_pyro.train import new_run_dir  # noqa: E402
-from benchmarks.machine import command_line, machine_description  # noqa: E402
 
-CONFIGS = ROOT / "experiments" / "configs"
+from bdiff_pyro.errors import UserError
+from bdiff_pyro.train import new_run_dir
+
+HERE = Path(__file__).resolve().parent
+
+
+def _benchmark_machine():
+    """benchmarks/machine.py (what every measurement prints first), imported by its path."""
+    spec = importlib.util.spec_from_file_location("machine", HERE.parents[1] / "benchmarks" / "machine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CONFIGS = HERE  # kernel_heartbeat.yaml, kernel_digits.yaml
 
 
 def parse_args(argv):
@@ -72,8 +80,9 @@ def main(argv=None):
     started = time.perf_counter()
     cells = plan(args.datasets, args.kernels, args.configs, args.set, args.include_duplicates)
     out = new_run_dir("kernels", args.out)
-    machine = machine_description()
-    command = command_line()
+    machine_module = _benchmark_machine()
+    machine = machine_module.machine_description()
+    command = machine_module.command_line()
     print(f"machine: {machine}")
     print(f"command: {command}")
     print(f"output directory: {out}")

@@ -1,8 +1,8 @@
 """The kernel study (docs/kernels.md): every kernel that applies, trained with the same
 settings on the binary heartbeat and on the 8x8 digits (binary and 4 grey levels), scored on
-held-out data, and its samples drawn side by side.  ``experiments/kernels.py`` is the script.
+held-out data, and its samples drawn side by side.  ``kernels.py`` beside it is the script.
 
-One config per data set (experiments/configs/kernel_heartbeat.yaml, kernel_digits.yaml); a
+One config per data set (kernel_heartbeat.yaml, kernel_digits.yaml, beside this file); a
 cell of the study is that config with ``--set`` overrides for the data set and the kernel, so
 every cell is also ``bdiff train CONFIG --set model.kernel=...``.
 
@@ -293,7 +293,8 @@ def plot_samples(rows, data_examples, path, columns=4):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bdiff_pyro.data.digits import SIDE, image_grid
+    from bdiff_pyro.data.digits import SIDE
+    from bdiff_pyro.plots import image_grid
 
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
     panels = {d: [("held-out data", data_examples[d], None)] +

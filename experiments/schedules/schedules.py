@@ -1,6 +1,6 @@
 """The oracle bound K* against T for several noise schedules, on heartbeat data.
 
-    python experiments/schedule_study.py [OUT_DIR] [--T 50 100 ...] [--replicates 16] [--target-gap 0.02]
+    python experiments/schedules/schedules.py [OUT_DIR] [--T 50 100 ...] [--replicates 16] [--target-gap 0.02]
 
 Writes to OUT_DIR (default runs/schedule_study-<timestamp>; an existing non-empty directory is
 refused): study.csv (one row per schedule and T), study.md (the tables), gap.png (the gap to
@@ -15,12 +15,12 @@ import sys
 import time
 
 import torch
+from schedule_study import DEFAULT_SPECS, DEFAULT_TS, T_for_gap, markdown_tables, plot_gaps, run_study, write_csv
 from tqdm import tqdm
 
 from bdiff_pyro.data.datasets import heartbeat
 from bdiff_pyro.diffusion.oracle import data_entropy_bits
 from bdiff_pyro.errors import UserError
-from bdiff_pyro.study import DEFAULT_SPECS, DEFAULT_TS, T_for_gap, markdown_tables, plot_gaps, run_study, write_csv
 from bdiff_pyro.train import new_run_dir
 
 
@@ -64,7 +64,7 @@ def main(argv=None):
                                           tolerance=args.tolerance, progress=bar.update))
         (out / "search.json").write_text(json.dumps(searches, indent=2))
     header = (f"# Oracle bound against T: heartbeat n = {args.n}, period {args.period}\n\n"
-              f"Produced by `python experiments/schedule_study.py` ({time.time() - start:.0f} s).\n\n")
+              f"Produced by `python experiments/schedules/schedules.py` ({time.time() - start:.0f} s).\n\n")
     table = markdown_tables(rows, searches, log_likelihood)
     (out / "study.md").write_text(header + table)
     plot_gaps(rows, out / "gap.png", target=args.target_gap or None,

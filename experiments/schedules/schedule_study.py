@@ -4,6 +4,7 @@ K* is the best bound any factorised reverse step can reach for a kernel, T and s
 (``oracle.py``), so its gap to the data's log-likelihood, -H(w) (-log2 5 for heartbeat), is the
 price of the schedule and T alone.  Every number here is exact (``oracle_elbo_exact``); an
 independent Monte Carlo estimate with its standard error is recorded beside it as a check.
+``schedules.py`` beside it is the script.
 """
 
 import csv
