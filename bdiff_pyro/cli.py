@@ -371,7 +371,7 @@ def build_parser():
     p.set_defaults(func=cmd_oracle)
 
     p = command("compare", "analytic K against TraceEnum_ELBO, Trace_ELBO and log p(x^0)")
-    p.add_argument("config", help="e.g. experiments/configs/compare.yaml")
+    p.add_argument("config", help="e.g. experiments/crosscheck/compare.yaml")
     p.add_argument("--out", help="output directory (default runs/compare-<time>)")
     p.set_defaults(func=cmd_compare)
     return parser

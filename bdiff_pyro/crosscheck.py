@@ -1,27 +1,31 @@
-"""The exact cross-check experiment behind ``bdiff compare CONFIG`` (docs/compare.md).
+"""The exact cross-check behind ``bdiff compare CONFIG`` (docs/compare.md, docs/math.md §5).
 
-Over a grid of sequence lengths n, chain lengths T and schedules, for a random and a
-briefly trained reverse network, it tabulates in bits per sequence (averaged over the
-periodic patterns of the data):
+For one reverse process and a few sequences x0, ``compare_estimates`` puts side by side, in
+bits per sequence (mean over the rows of x0):
 
 - the analytic K, every expectation over x^t exact (``bound.elbo_exact`` - pi correction),
 - the ELBO from Pyro's TraceEnum_ELBO with the forward chain enumerated,
 - Trace_ELBO's Monte Carlo estimate with its standard error,
 - the exact log p(x^0) by enumerating the model's latents,
-- the importance-sampled log p(x^0) with its standard error,
+- the importance-sampled log p(x^0) with its standard error.
 
-and, for one T, the wall time (and peak memory) of the analytic and the enumerated
-computations as n grows, up to the largest n the enumeration fits in the memory budget.
-Writes compare.csv, compare_scaling.csv, compare.md, compare_bounds.png and
-compare_scaling.png into the output directory, refusing to overwrite any of them.
+``compare_main`` runs it over the config's grid of sequence lengths n, chain lengths T and
+schedules, for a random and a briefly trained network, on periodic patterns, and writes
+compare.csv, compare.md and compare_bounds.png, refusing to overwrite any of them.  The
+config is the typed ``CompareConfig``, validated once when it is read.  Its ``scaling``
+section is read by the scaling study (wall time and memory against n), which lives with the
+experiment in experiments/crosscheck/.
 """
 
 import copy
 import csv
+import dataclasses
 import datetime
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import pyro
 import torch
@@ -38,52 +42,127 @@ from bdiff_pyro.programs.reverse import PARAMETERISATIONS, ReverseProcess
 
 LN2 = math.log(2.0)
 
-DEFAULTS = {
-    "seed": 0,
-    "threads": 1,
-    "data": {"period": 3},
-    "kernel": {"pi_1": 0.5},
-    "grid": {"n": [3, 4, 6, 8], "T": [3, 5, 10], "schedules": ["cosine", "paper"]},
-    "network": {"hidden": [32, 32], "activation": "silu", "time_embedding": 16,
-                "parameterisation": "x0"},
-    "training": {"steps": 300, "batch_size": 64, "learning_rate": 0.01},
-    "estimators": {"trace_elbo_particles": 256, "trace_elbo_batches": 16,
-                   "importance_samples": 4096},
-    "scaling": {"T": 5, "schedule": "cosine", "n_max_enumerated": 13, "n_max_analytic": 16,
-                "memory_budget_gb": 6.0},
-}
-
-OUTPUT_FILES = ("compare.csv", "compare_scaling.csv", "compare.md", "compare_bounds.png",
-                "compare_scaling.png")
-
-# Peak memory of the enumerations, bytes per (time step x S^2), measured at n = 11, 12
-# (T = 5): guide-side TraceEnum_ELBO keeps about 5.5 tensors of S^2 float64 per step, the
-# model-side enumeration of log p(x^0) about 1.5.
-BYTES_PER_STEP_STATE_PAIR = {"traceenum_elbo": 5.5 * 8, "exact_log_likelihood": 1.5 * 8}
+OUTPUT_FILES = ("compare.csv", "compare.md", "compare_bounds.png")
 
 
 # ---------------------------------------------------------------------------------------
-# Configuration
+# Configuration: the keys of compare.yaml, each section a frozen dataclass
 
 
-def _merge(defaults, given, where):
-    unknown = set(given) - set(defaults)
+@dataclass(frozen=True)
+class PeriodicData:
+    period: int = 3  # one pulse every `period` positions, at each of the `period` phases
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    pi_1: float = 0.5
+
+
+@dataclass(frozen=True)
+class Grid:
+    n: Tuple[int, ...] = (3, 4, 6, 8)
+    T: Tuple[int, ...] = (3, 5, 10)
+    schedules: Tuple[str, ...] = ("cosine", "paper")
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    hidden: Tuple[int, ...] = (32, 32)
+    activation: str = "silu"
+    time_embedding: int = 16
+    parameterisation: str = "x0"
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    steps: int = 300
+    batch_size: int = 64
+    learning_rate: float = 0.01
+
+
+@dataclass(frozen=True)
+class EstimatorSettings:
+    trace_elbo_particles: int = 256
+    trace_elbo_batches: int = 16
+    importance_samples: int = 4096
+
+
+@dataclass(frozen=True)
+class ScalingSettings:
+    """Read by the scaling study (experiments/crosscheck/), not by ``compare_main``."""
+
+    T: int = 5
+    schedule: str = "cosine"
+    n_max_enumerated: int = 13
+    n_max_analytic: int = 16
+    memory_budget_gb: float = 6.0
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    seed: int = 0
+    threads: int = 1
+    data: PeriodicData = PeriodicData()
+    kernel: KernelSettings = KernelSettings()
+    grid: Grid = Grid()
+    network: NetworkSettings = NetworkSettings()
+    training: TrainingSettings = TrainingSettings()
+    estimators: EstimatorSettings = EstimatorSettings()
+    scaling: ScalingSettings = ScalingSettings()
+
+    @classmethod
+    def from_dict(cls, given: dict) -> "CompareConfig":
+        """A mapping (as read from YAML, any section or key may be left out) over the
+        defaults, checked; raises UserError naming the first bad key."""
+        config = _build(cls, given, "")
+        _validate(config)
+        return config
+
+
+def _build(cls, given, where):
+    """``cls`` with the keys of ``given`` over its defaults; nested sections recursively,
+    lists as tuples."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(given) - set(fields)
     if unknown:
         raise UserError(f"unknown key(s) {sorted(unknown)} in {where or 'the config'}; "
-                        f"expected some of {sorted(defaults)}")
-    merged = copy.deepcopy(defaults)
+                        f"expected some of {sorted(fields)}")
+    values = {}
     for key, value in given.items():
-        if isinstance(defaults[key], dict):
+        name = f"{where + '.' if where else ''}{key}"
+        default = fields[key].default
+        if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
-                raise UserError(f"{where + '.' if where else ''}{key} must be a mapping")
-            merged[key] = _merge(defaults[key], value, f"{where + '.' if where else ''}{key}")
+                raise UserError(f"{name} must be a mapping")
+            values[key] = _build(type(default), value, name)
         else:
-            merged[key] = value
-    return merged
+            values[key] = tuple(value) if isinstance(value, list) else copy.deepcopy(value)
+    return cls(**values)
 
 
-def load_config(path):
-    """The YAML config merged over DEFAULTS and checked; raises UserError on bad input."""
+def _validate(config):
+    period = config.data.period
+    if not (isinstance(period, int) and period >= 1):
+        raise UserError(f"data.period must be a positive integer (got {period!r})")
+    for n in config.grid.n:
+        if not (isinstance(n, int) and period <= n):
+            raise UserError(f"every grid n must be an integer >= data.period = {period} (got {n!r})")
+        enumeration.check_enumerable(n)
+    for T in config.grid.T:
+        if not (isinstance(T, int) and T >= 2):
+            raise UserError(f"every grid T must be an integer >= 2 (got {T!r})")
+    for name in tuple(config.grid.schedules) + (config.scaling.schedule,):
+        if name not in registry.SCHEDULES:
+            raise UserError(f"unknown schedule {name!r}; choose one of {sorted(registry.SCHEDULES)}")
+    if config.network.parameterisation not in PARAMETERISATIONS:
+        raise UserError(f"network.parameterisation must be one of {PARAMETERISATIONS}")
+    if config.estimators.trace_elbo_batches < 2:
+        raise UserError("estimators.trace_elbo_batches must be at least 2 (for a standard error)")
+
+
+def load_config(path: Union[str, Path]) -> CompareConfig:
+    """The YAML config over the defaults, checked; raises UserError on bad input."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} not found")
@@ -93,32 +172,14 @@ def load_config(path):
         raise UserError(f"config file {str(path)!r} is not valid YAML: {error}".replace("\n", " "))
     if not isinstance(given, dict):
         raise UserError(f"config file {str(path)!r} must hold a mapping")
-    config = _merge(DEFAULTS, given, "")
-    period = config["data"]["period"]
-    if not (isinstance(period, int) and period >= 1):
-        raise UserError(f"data.period must be a positive integer (got {period!r})")
-    for n in config["grid"]["n"]:
-        if not (isinstance(n, int) and period <= n):
-            raise UserError(f"every grid n must be an integer >= data.period = {period} (got {n!r})")
-        enumeration.check_enumerable(n)
-    for T in config["grid"]["T"]:
-        if not (isinstance(T, int) and T >= 2):
-            raise UserError(f"every grid T must be an integer >= 2 (got {T!r})")
-    for name in config["grid"]["schedules"] + [config["scaling"]["schedule"]]:
-        if name not in registry.SCHEDULES:
-            raise UserError(f"unknown schedule {name!r}; choose one of {sorted(registry.SCHEDULES)}")
-    if config["network"]["parameterisation"] not in PARAMETERISATIONS:
-        raise UserError(f"network.parameterisation must be one of {PARAMETERISATIONS}")
-    if config["estimators"]["trace_elbo_batches"] < 2:
-        raise UserError("estimators.trace_elbo_batches must be at least 2 (for a standard error)")
-    return config
+    return CompareConfig.from_dict(given)
 
 
 # ---------------------------------------------------------------------------------------
 # Data, networks, training
 
 
-def periodic_patterns(n, period):
+def periodic_patterns(n: int, period: int) -> torch.Tensor:
     """The heartbeat-like data: one pulse every ``period`` positions, at each of the
     ``period`` phases; shape (period, n), float64 0/1.  Uniform over the patterns, so the
     data's log-likelihood is -log2(period) bits per sequence."""
@@ -128,13 +189,15 @@ def periodic_patterns(n, period):
     return x
 
 
-def make_process(n, T, schedule, config, seed):
+def make_process(n: int, T: int, schedule: str, config: CompareConfig, seed: int) -> ReverseProcess:
+    """A float64 Bernoulli-kernel reverse process with the config's network, its weights
+    drawn after ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
-    kernel = BernoulliKernel(make_beta_tilde(schedule, T), pi_1=config["kernel"]["pi_1"])
-    network = config["network"]
-    net = MLP(n, 2, hidden=tuple(network["hidden"]), activation=network["activation"],
-                     time_embedding=network["time_embedding"])
-    return ReverseProcess(kernel, net, network["parameterisation"]).double()
+    kernel = BernoulliKernel(make_beta_tilde(schedule, T), pi_1=config.kernel.pi_1)
+    network = config.network
+    net = MLP(n, 2, hidden=tuple(network.hidden), activation=network.activation,
+              time_embedding=network.time_embedding)
+    return ReverseProcess(kernel, net, network.parameterisation).double()
 
 
 def train_briefly(process, data, steps, batch_size, learning_rate, seed):
@@ -158,62 +221,32 @@ def train_briefly(process, data, steps, batch_size, learning_rate, seed):
 # Measurements
 
 
-class PeakMemory:
-    """Peak resident memory of a block above what was resident before it, in bytes, from
-    /proc/self (VmHWM reset through clear_refs); None where Linux does not allow it."""
-
-    def __enter__(self):
-        self.peak = None
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.before = self._read("VmRSS")
-        except OSError:
-            self.before = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.before is not None:
-            self.peak = max(0, self._read("VmHWM") - self.before)
-
-    @staticmethod
-    def _read(field):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        raise OSError(field)
-
-
-def timed(function, *args, **kwargs):
+def timed(function: Callable, *args, **kwargs):
+    """(function(*args, **kwargs), its wall time in seconds)."""
     start = time.perf_counter()
     value = function(*args, **kwargs)
     return value, time.perf_counter() - start
 
 
-def best_time(function, *args, repeats=3, enough=0.5, **kwargs):
-    """Least wall time of up to ``repeats`` calls (one call when a call takes ``enough`` s)."""
-    best = math.inf
-    for _ in range(repeats):
-        _, seconds = timed(function, *args, **kwargs)
-        best = min(best, seconds)
-        if seconds >= enough:
-            break
-    return best
-
-
-def evaluate(process, x0, config):
-    """Every estimate for the patterns x0, in bits per sequence (mean over the patterns)."""
+def compare_estimates(process, x0: torch.Tensor, trace_elbo_particles: int = 256, trace_elbo_batches: int = 16,
+                      importance_samples: int = 4096) -> Dict[str, float]:
+    """Every estimate of the bound and of log p(x^0) for the rows of x0, in bits per sequence
+    (mean over the rows), with the wall times of the exact ones (docs/math.md §5):
+    K_analytic = ELBO - pi correction (§2.3), the analytic and the TraceEnum_ELBO ELBO and
+    their largest difference, Trace_ELBO ± se, the exact and the importance-sampled
+    log p(x^0) ± se and the smallest effective sample size of the importance weights.
+    The Monte Carlo ones draw from the global generators (seed them with
+    ``pyro.set_rng_seed`` first)."""
     P = len(x0)
-    est = config["estimators"]
     kernel = process.kernel
     with torch.no_grad():
         analytic, t_analytic = timed(bound.elbo_exact, kernel, process.log_probs, x0)
         k_value = analytic - bound.pi_correction(kernel, x0)
     traceenum, t_enum = timed(enumeration.enumerated_elbo, process, x0)
     log_p, t_log_p = timed(enumeration.exact_log_likelihood, process, x0)
-    mc_sum, mc_se_sum = enumeration.trace_elbo_estimate(process, x0, est["trace_elbo_particles"],
-                                                 est["trace_elbo_batches"])
-    is_values, is_se, is_ess = enumeration.importance_log_likelihood(process, x0, est["importance_samples"],
-                                                              return_ess=True)
+    mc_sum, mc_se_sum = enumeration.trace_elbo_estimate(process, x0, trace_elbo_particles, trace_elbo_batches)
+    is_values, is_se, is_ess = enumeration.importance_log_likelihood(process, x0, importance_samples,
+                                                                     return_ess=True)
     bits = lambda v: float(v) / LN2  # noqa: E731
     return {
         "K_analytic": bits(k_value.mean()),
@@ -232,33 +265,34 @@ def evaluate(process, x0, config):
     }
 
 
-def scaling_rows(config, progress):
-    """Time (and peak memory) of the analytic ELBO, TraceEnum_ELBO and the exact log p(x^0)
-    for one pattern as n grows, while the enumeration fits in the memory budget."""
-    sc = config["scaling"]
-    T, budget = sc["T"], sc["memory_budget_gb"] * 2**30
+def grid_cells(config: CompareConfig) -> List[Tuple[int, int, str]]:
+    """(n, T, schedule) of every cell, in the order they are run (cell i has seed seed + i)."""
+    grid = config.grid
+    return [(n, T, s) for n in grid.n for T in grid.T for s in grid.schedules]
+
+
+def grid_rows(config: CompareConfig, progress=None) -> List[dict]:
+    """One row per cell and network (random, then briefly trained), as ``compare_estimates``
+    plus n, T, schedule, network and the training time.  ``progress``: a tqdm bar or None."""
     rows = []
-    for n in range(1, sc["n_max_analytic"] + 1):
-        process = make_process(n, T, sc["schedule"], config, config["seed"] + 1000 + n)
-        x0 = periodic_patterns(n, min(config["data"]["period"], n))[:1]
-        S = enumeration.num_joint_states(n)
-        row = {"n": n, "T": T, "states_per_slice": S}
-        with torch.no_grad(), PeakMemory() as memory:
-            row["seconds_analytic"] = best_time(bound.elbo_exact, process.kernel, process.log_probs, x0)
-        row["peak_mb_analytic"] = memory.peak and memory.peak / 2**20
-        for name, function in (("traceenum_elbo", enumeration.enumerated_elbo),
-                               ("exact_log_likelihood", enumeration.exact_log_likelihood)):
-            needed = BYTES_PER_STEP_STATE_PAIR[name] * T * S * S
-            row[f"estimated_gb_{name}"] = needed / 2**30
-            if n <= sc["n_max_enumerated"] and needed <= budget:
-                with PeakMemory() as memory:
-                    row[f"seconds_{name}"] = best_time(function, process, x0, max_states=S)
-                row[f"peak_mb_{name}"] = memory.peak and memory.peak / 2**20
-            else:
-                row[f"seconds_{name}"] = None
-                row[f"peak_mb_{name}"] = None
-        rows.append(row)
-        progress.update(1)
+    estimators = dataclasses.asdict(config.estimators)
+    for index, (n, T, schedule) in enumerate(grid_cells(config)):
+        if progress is not None:
+            progress.set_postfix_str(f"n={n} T={T} {schedule}")
+        seed = config.seed + index
+        x0 = periodic_patterns(n, config.data.period)
+        process = make_process(n, T, schedule, config, seed)
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        rows.append({"n": n, "T": T, "schedule": schedule, "network": "random",
+                     **compare_estimates(process, x0, **estimators), "seconds_training": 0.0})
+        tr = config.training
+        losses, seconds = timed(train_briefly, process, x0, tr.steps, tr.batch_size, tr.learning_rate, seed)
+        pyro.set_rng_seed(seed)
+        rows.append({"n": n, "T": T, "schedule": schedule, "network": "trained",
+                     **compare_estimates(process, x0, **estimators), "seconds_training": seconds})
+        if progress is not None:
+            progress.update(1)
     return rows
 
 
@@ -266,12 +300,14 @@ def scaling_rows(config, progress):
 # Output
 
 
-def _output_dir(out_dir):
+def prepare_output_dir(out_dir: Optional[Union[str, Path]], names: Sequence[str] = OUTPUT_FILES) -> Path:
+    """``out_dir`` (default runs/compare-<timestamp>), created; UserError if it already holds
+    any of ``names``."""
     if out_dir is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out_dir = Path("runs") / f"compare-{stamp}"
     out_dir = Path(out_dir)
-    clashes = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
+    clashes = [name for name in names if (out_dir / name).exists()]
     if clashes:
         raise UserError(f"{out_dir} already holds {', '.join(clashes)}; refusing to overwrite, "
                         "choose another output directory")
@@ -279,29 +315,32 @@ def _output_dir(out_dir):
     return out_dir
 
 
-def _write_csv(path, rows):
+def write_csv(path, rows):
     with open(path, "x", newline="") as handle:  # "x": never overwrite
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
 
 
-def _fmt(value, digits=3):
+def format_value(value, digits=3):
+    """``value`` to ``digits`` decimals; "-" for None (not measured)."""
     if value is None:
         return "-"
     return f"{value:.{digits}f}"
 
 
-def markdown_tables(rows, scaling, config):
-    period = config["data"]["period"]
+def grid_table(rows: List[dict], config: CompareConfig) -> str:
+    """The Markdown table of ``grid_rows``, with the paragraph that explains its columns."""
+    period = config.data.period
+    fmt = format_value
     lines = [
         f"Bits per sequence, mean over the {period} periodic patterns (true log-likelihood "
-        f"-log2({period}) = {-math.log2(period):.3f}); pi_1 = {config['kernel']['pi_1']}, "
-        f"{config['network']['parameterisation']} parameterisation. "
+        f"-log2({period}) = {-math.log2(period):.3f}); pi_1 = {config.kernel.pi_1}, "
+        f"{config.network.parameterisation} parameterisation. "
         "K: analytic bound, exact in x^t. TraceEnum: Pyro TraceEnum_ELBO, forward chain "
         "enumerated. |diff|: largest |analytic ELBO - TraceEnum| over the patterns. "
         "Trace_ELBO and IS: Monte Carlo, ± one standard error; ESS: the smallest effective "
-        f"sample size of the {config['estimators']['importance_samples']} importance weights "
+        f"sample size of the {config.estimators.importance_samples} importance weights "
         "over the patterns (when it is small the IS standard error is not to be trusted).",
         "",
         "| n | T | schedule | network | K | TraceEnum ELBO | \\|diff\\| | Trace_ELBO | log p exact | log p IS | ESS |",
@@ -309,46 +348,24 @@ def markdown_tables(rows, scaling, config):
     ]
     for r in rows:
         lines.append(
-            f"| {r['n']} | {r['T']} | {r['schedule']} | {r['network']} | {_fmt(r['K_analytic'])} "
-            f"| {_fmt(r['elbo_traceenum'])} | {r['max_abs_diff_analytic_traceenum']:.1e} "
-            f"| {_fmt(r['trace_elbo'])} ± {_fmt(r['trace_elbo_se'])} | {_fmt(r['log_p_exact'])} "
-            f"| {_fmt(r['log_p_importance'])} ± {_fmt(r['log_p_importance_se'])} "
+            f"| {r['n']} | {r['T']} | {r['schedule']} | {r['network']} | {fmt(r['K_analytic'])} "
+            f"| {fmt(r['elbo_traceenum'])} | {r['max_abs_diff_analytic_traceenum']:.1e} "
+            f"| {fmt(r['trace_elbo'])} ± {fmt(r['trace_elbo_se'])} | {fmt(r['log_p_exact'])} "
+            f"| {fmt(r['log_p_importance'])} ± {fmt(r['log_p_importance_se'])} "
             f"| {r['importance_min_ess']:.0f} |")
-    sc = config["scaling"]
-    lines += [
-        "",
-        f"Wall time in seconds (peak extra memory in MB) for one sequence, T = {sc['T']}, "
-        f"{sc['schedule']} schedule, {config['threads']} thread(s), best of up to 3 runs; '-': not "
-        f"run (n above {sc['n_max_enumerated']} or the estimated memory, in brackets, above the "
-        f"{sc['memory_budget_gb']} GB budget).",
-        "",
-        "| n | states 2^n | analytic (exact in x^t) | TraceEnum_ELBO | exact log p (model enumeration) |",
-        "|---|---|---|---|---|",
-    ]
-
-    def cell(r, name):
-        if r[f"seconds_{name}"] is None:
-            return f"- (~{r[f'estimated_gb_{name}']:.3g} GB)"
-        peak = r[f"peak_mb_{name}"]
-        return f"{r[f'seconds_{name}']:.3g} ({_fmt(peak, 0)} MB)"
-
-    for r in scaling:
-        peak = r["peak_mb_analytic"]
-        lines.append(f"| {r['n']} | {r['states_per_slice']} | {r['seconds_analytic']:.3g} "
-                     f"({_fmt(peak, 0)} MB) | {cell(r, 'traceenum_elbo')} | "
-                     f"{cell(r, 'exact_log_likelihood')} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_bounds(rows, config, path):
+def plot_bounds(rows: List[dict], config: CompareConfig, path) -> None:
+    """Bits per sequence against T, one panel per network and schedule, one colour per n."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     networks = [name for name in ("random", "trained") if any(r["network"] == name for r in rows)]
-    schedules = config["grid"]["schedules"]
-    ns = config["grid"]["n"]
+    schedules = config.grid.schedules
+    ns = config.grid.n
     colours = plt.cm.viridis([i / max(1, len(ns) - 1) * 0.85 for i in range(len(ns))])
     fig, axes = plt.subplots(len(networks), len(schedules), figsize=(5.2 * len(schedules), 4 * len(networks)),
                              squeeze=False, sharex=True)
@@ -358,7 +375,7 @@ def plot_bounds(rows, config, path):
             for colour, n in zip(colours, ns):
                 sel = [r for r in rows if r["network"] == network and r["schedule"] == schedule and r["n"] == n]
                 Ts = [r["T"] for r in sel]
-                shift = 0.015 * (max(config["grid"]["T"]) - min(config["grid"]["T"]) + 1)
+                shift = 0.015 * (max(config.grid.T) - min(config.grid.T) + 1)
                 left, right = [T - shift for T in Ts], [T + shift for T in Ts]  # Monte Carlo beside
                 ax.plot(Ts, [r["K_analytic"] for r in sel], "-o", color=colour, ms=4, label=f"n = {n}")
                 ax.plot(Ts, [r["elbo_traceenum"] for r in sel], "x", color="k", ms=7)
@@ -368,11 +385,11 @@ def plot_bounds(rows, config, path):
                 ax.errorbar(right, [r["log_p_importance"] for r in sel],
                             yerr=[r["log_p_importance_se"] for r in sel], fmt="^", color=colour, ms=4,
                             capsize=2, mfc="none")
-            ax.axhline(-math.log2(config["data"]["period"]), color="grey", lw=0.8, ls=":")
+            ax.axhline(-math.log2(config.data.period), color="grey", lw=0.8, ls=":")
             ax.set_title(f"{network} network, {schedule} schedule")
             ax.set_xlabel("T (steps)")
             ax.set_ylabel("bits per sequence")
-            ax.set_xticks(config["grid"]["T"])
+            ax.set_xticks(config.grid.T)
     handles, labels = axes[0][0].get_legend_handles_labels()
     from matplotlib.lines import Line2D
 
@@ -393,77 +410,28 @@ def plot_bounds(rows, config, path):
     plt.close(fig)
 
 
-def plot_scaling(scaling, config, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for key, label, marker in (("seconds_analytic", "analytic ELBO (exact in x^t)", "o"),
-                               ("seconds_traceenum_elbo", "TraceEnum_ELBO (guide enumerated)", "x"),
-                               ("seconds_exact_log_likelihood", "exact log p (model enumerated)", "s")):
-        points = [(r["n"], r[key]) for r in scaling if r[key] is not None]
-        ax.plot([p[0] for p in points], [p[1] for p in points], "-" + marker, label=label, ms=5)
-    ax.set_yscale("log")
-    ax.set_xlabel("n (bits per sequence); a time slice has 2^n states")
-    ax.set_ylabel("wall time for one sequence (s)")
-    ax.set_title(f"T = {config['scaling']['T']}, {config['scaling']['schedule']} schedule, "
-                 f"{config['threads']} thread(s)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------
 
 
-def compare_main(config_path, out_dir=None):
-    """Run the comparison experiment of ``config_path`` (YAML) and write its results into
-    ``out_dir`` (default runs/compare-<timestamp>; existing result files are never
-    overwritten: UserError).  Returns {"csv", "scaling_csv", "table", "bounds_plot",
-    "scaling_plot", "out_dir"}: the paths written."""
+def compare_main(config_path: Union[str, Path], out_dir: Optional[Union[str, Path]] = None) -> Dict[str, Path]:
+    """Run the grid of ``config_path`` (YAML) and write its results into ``out_dir``
+    (default runs/compare-<timestamp>; existing result files are never overwritten:
+    UserError).  Returns {"out_dir", "csv", "table", "bounds_plot"}: the paths written."""
     from tqdm.auto import tqdm
 
     config = load_config(config_path)
-    out = _output_dir(out_dir)
+    out = prepare_output_dir(out_dir)
     threads = torch.get_num_threads()
-    torch.set_num_threads(int(config["threads"]))
+    torch.set_num_threads(int(config.threads))
     try:
-        grid = config["grid"]
-        cells = [(n, T, s) for n in grid["n"] for T in grid["T"] for s in grid["schedules"]]
-        total = len(cells) + config["scaling"]["n_max_analytic"]
-        rows = []
-        with tqdm(total=total, desc="bdiff compare", unit="step") as progress:
-            for index, (n, T, schedule) in enumerate(cells):
-                progress.set_postfix_str(f"n={n} T={T} {schedule}")
-                seed = config["seed"] + index
-                x0 = periodic_patterns(n, config["data"]["period"])
-                process = make_process(n, T, schedule, config, seed)
-                pyro.clear_param_store()
-                pyro.set_rng_seed(seed)
-                rows.append({"n": n, "T": T, "schedule": schedule, "network": "random",
-                             **evaluate(process, x0, config), "seconds_training": 0.0})
-                tr = config["training"]
-                losses, seconds = timed(train_briefly, process, x0, tr["steps"], tr["batch_size"],
-                                        tr["learning_rate"], seed)
-                pyro.set_rng_seed(seed)
-                rows.append({"n": n, "T": T, "schedule": schedule, "network": "trained",
-                             **evaluate(process, x0, config), "seconds_training": seconds})
-                progress.update(1)
-            progress.set_postfix_str("scaling")
-            scaling = scaling_rows(config, progress)
+        with tqdm(total=len(grid_cells(config)), desc="bdiff compare", unit="cell") as progress:
+            rows = grid_rows(config, progress)
     finally:
         torch.set_num_threads(threads)
-    paths = {"out_dir": out, "csv": out / "compare.csv", "scaling_csv": out / "compare_scaling.csv",
-             "table": out / "compare.md", "bounds_plot": out / "compare_bounds.png",
-             "scaling_plot": out / "compare_scaling.png"}
-    _write_csv(paths["csv"], rows)
-    _write_csv(paths["scaling_csv"], scaling)
+    paths = {"out_dir": out, "csv": out / "compare.csv", "table": out / "compare.md",
+             "bounds_plot": out / "compare_bounds.png"}
+    write_csv(paths["csv"], rows)
     with open(paths["table"], "x") as handle:
-        handle.write(markdown_tables(rows, scaling, config))
+        handle.write(grid_table(rows, config))
     plot_bounds(rows, config, paths["bounds_plot"])
-    plot_scaling(scaling, config, paths["scaling_plot"])
     return paths

@@ -552,8 +552,9 @@ def test_compare_legend_fits_a_one_panel_grid(monkeypatch, tmp_path):
     rows = [dict(network="random", schedule="cosine", n=3, T=T, K_analytic=-2.0, elbo_traceenum=-2.0,
                  trace_elbo=-2.1, trace_elbo_se=0.05, log_p_exact=-1.7, log_p_importance=-1.7,
                  log_p_importance_se=0.03) for T in (3, 5)]
-    crosscheck.plot_bounds(rows, {"grid": {"schedules": ["cosine"], "n": [3], "T": [3, 5]}, "data": {"period": 3}},
-                        tmp_path / "c.png")
+    config = crosscheck.CompareConfig.from_dict({"grid": {"schedules": ["cosine"], "n": [3], "T": [3, 5]},
+                                                 "data": {"period": 3}})
+    crosscheck.plot_bounds(rows, config, tmp_path / "c.png")
     fig = kept[0]
     fig.canvas.draw()
     legend = fig.legends[0]
