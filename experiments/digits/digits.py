@@ -1,7 +1,7 @@
 """Real binary data: the diffusion model against exact-likelihood baselines on 8x8 digits.
 
-    python benchmarks/digits.py [--config experiments/configs/digits.yaml] [--out DIR]
-                                [--threads 1] [--restarts 5] [--replicates 16] [--run RUN_DIR]
+    python experiments/digits/digits.py [--config experiments/configs/digits.yaml] [--out DIR]
+                                        [--threads 1] [--restarts 5] [--replicates 16] [--run RUN_DIR]
 
 Data: scikit-learn's 8x8 digits binarised at grey level 8 (n = 64), the fixed 70/15/15
 split of bdiff_pyro.data.digits (seed data.split_seed of the config, 0 by default).  On the same
@@ -23,9 +23,9 @@ test_images.png) to --out (default benchmarks/out/digits-<time>/), never overwri
 """
 
 import argparse
+import importlib.util
 import json
 import math
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -33,19 +33,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import command_line, machine_description  # noqa: E402
+import bdiff_pyro
+from bdiff_pyro.baselines.mixture import COMPONENT_GRID, LN2, IndependentBernoulli, bits_per_sequence, select_mixture
+from bdiff_pyro.config import load_config
+from bdiff_pyro.data.digits import digits_splits
+from bdiff_pyro.diffusion.bound import elbo_replicates, mean_and_standard_error
+from bdiff_pyro.evaluation import bound_report, membership
+from bdiff_pyro.plots import save_image_grid
+from bdiff_pyro.train import train
 
-import bdiff_pyro  # noqa: E402
-from bdiff_pyro.baselines.mixture import COMPONENT_GRID, LN2, IndependentBernoulli, bits_per_sequence, select_mixture  # noqa: E402
-from bdiff_pyro.config import load_config  # noqa: E402
-from bdiff_pyro.data.digits import digits_splits, save_image_grid  # noqa: E402
-from bdiff_pyro.diffusion.bound import elbo_replicates, mean_and_standard_error  # noqa: E402
-from bdiff_pyro.evaluation import bound_report, membership  # noqa: E402
-from bdiff_pyro.train import train  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "experiments/configs/digits.yaml"
+
+
+def _benchmark_machine():
+    """benchmarks/machine.py (what every measurement prints first), imported by its path."""
+    spec = importlib.util.spec_from_file_location("machine", ROOT / "benchmarks" / "machine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _per_image(bits):
@@ -53,12 +59,12 @@ def _per_image(bits):
     return float(bits.mean()), float(bits.std(ddof=1) / math.sqrt(len(bits)))
 
 
-def baselines(splits, restarts, log=print):
+def baselines(splits, restarts, components=COMPONENT_GRID, log=print):
     started = time.perf_counter()
     independent = IndependentBernoulli.fit(splits["train"])
     independent_bits = -independent.log_prob(splits["test"]) / LN2
     log("mixture of Bernoullis: model selection on the validation split")
-    mixture, grid = select_mixture(splits["train"], splits["val"], components=COMPONENT_GRID,
+    mixture, grid = select_mixture(splits["train"], splits["val"], components=components,
                                    restarts=restarts, log=log)
     mixture_bits = -mixture.log_prob(splits["test"]) / LN2
     seconds = time.perf_counter() - started
@@ -138,6 +144,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core CPU one thread trains ~10x faster)")
     parser.add_argument("--restarts", type=int, default=5, help="EM restarts per mixture size")
+    parser.add_argument("--components", type=int, nargs="+", default=list(COMPONENT_GRID),
+                        help="mixture sizes to choose from on the validation split")
     parser.add_argument("--replicates", type=int, default=16, help="bound estimates per test image")
     parser.add_argument("--run", type=Path, default=None, help="evaluate this trained run instead of training")
     args = parser.parse_args(argv)
@@ -148,12 +156,13 @@ def main(argv=None):
         parser.error(f"{args.config}: needs data.kind: digits with levels: 2 "
                      f"(got {config.data.kind!r}, levels {config.data.levels})")
     torch.set_num_threads(args.threads)
-    machine, command = machine_description(), command_line()
+    machine_module = _benchmark_machine()
+    machine, command = machine_module.machine_description(), machine_module.command_line()
     print(f"machine: {machine}\ncommand: {command}")
     args.out.mkdir(parents=True)
     splits = digits_splits(binary=True, seed=config.data.split_seed)
 
-    mixture, base, mixture_bits = baselines(splits, args.restarts)
+    mixture, base, mixture_bits = baselines(splits, args.restarts, tuple(args.components))
     model, diff, diffusion_bits = diffusion(config, args.config, args.out / "diffusion", splits, args.replicates,
                                             args.run)
     difference = diffusion_bits - mixture_bits
