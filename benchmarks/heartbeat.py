@@ -14,19 +14,16 @@ Writes results.json and results.md to --out (default benchmarks/out/heartbeat-<t
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from machine import command_line, default_out, machine_description, start
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import command_line, default_out, machine_description, start  # noqa: E402
-
-from bdiff_pyro.config import load_config  # noqa: E402
-from bdiff_pyro.data import load_dataset  # noqa: E402
-from bdiff_pyro.evaluation import oracle_for_config  # noqa: E402
-from bdiff_pyro.train import train  # noqa: E402
+from bdiff_pyro.config import load_config
+from bdiff_pyro.data import load_dataset
+from bdiff_pyro.evaluation import oracle_for_config
+from bdiff_pyro.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["heartbeat.yaml", "heartbeat_paper.yaml", "heartbeat_reference.yaml", "heartbeat_paper_wide.yaml",
@@ -73,7 +70,8 @@ def run(config_path, out_dir, trained=False):
     samples = metrics["samples"]
     oracle = oracle_for_config(config, samples=10000)
     return {
-        "config": str(Path(config_path).resolve().relative_to(ROOT)), "T": config.model.T, "schedule": config.model.schedule,
+        "config": str(Path(config_path).resolve().relative_to(ROOT)), "T": config.model.T,
+        "schedule": config.model.schedule,
         "pi_1": config.model.pi_1, "parameterisation": config.model.parameterisation,
         "train_seconds": metrics["wall_time_s"], "steps": metrics["steps"],
         "K_bits": metrics["held_out"]["elbo_bits"], "K_se_bits": metrics["held_out"]["se_bits"],
@@ -93,9 +91,11 @@ def markdown(results, machine, command):
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         shifts = " ".join(f"{f:.3f}" for f in r["shift_fractions"])
-        more = "; ".join(" ".join(f"{f:.3f}" for f in m["fractions"]) + f" (p {m['chi2_p']:.2f})" for m in r["more_seeds"])
+        more = "; ".join(" ".join(f"{f:.3f}" for f in m["fractions"]) + f" (p {m['chi2_p']:.2f})"
+                         for m in r["more_seeds"])
         lines.append(f"| {r['config']} | {r['T']} | {r['schedule']} | {r['pi_1']:g} | {r['train_seconds']:.0f} | "
-                     f"{r['K_bits']:.4f} ± {r['K_se_bits']:.4f} | {r['oracle_K_bits']:.4f} | {r['exact_fraction']:.2%} | "
+                     f"{r['K_bits']:.4f} ± {r['K_se_bits']:.4f} | {r['oracle_K_bits']:.4f} | "
+                     f"{r['exact_fraction']:.2%} | "
                      f"{r['oracle_exact_fraction']:.2%} | {shifts} | {more} | "
                      f"{r['samples_per_second']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -103,7 +103,8 @@ def markdown(results, machine, command):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=[str(ROOT / "experiments/configs" / c) for c in DEFAULT_CONFIGS])
+    parser.add_argument("--configs", nargs="+",
+                        default=[str(ROOT / "experiments/configs" / c) for c in DEFAULT_CONFIGS])
     parser.add_argument("--out", type=Path, default=default_out("heartbeat"))
     parser.add_argument("--trained", action="store_true",
                         help="measure the runs already trained in --out (after an interrupted benchmark)")
@@ -117,7 +118,8 @@ def main(argv=None):
         machine, command = start(parser, args)
     results = [run(c, args.out, args.trained) for c in args.configs]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"machine": machine, "command": command, "results": results}, indent=2))
+    (args.out / "results.json").write_text(json.dumps({"machine": machine, "command": command, "results": results},
+                                                      indent=2))
     table = markdown(results, machine, command)
     (args.out / "results.md").write_text(table)
     print(table)

@@ -13,19 +13,18 @@ T1000_OUT = ROOT / "benchmarks" / "out" / "heartbeat_t1000"
 H64_OUT = ROOT / "benchmarks" / "out" / "heartbeat64"
 
 STEPS = [
-    # issue "Core": the paper's, the reference repo's and the default heartbeat configs
+    # the paper's, the reference repository's and the default heartbeat configs
     [PY, "benchmarks/heartbeat.py"],
-    # issue "Beat the paper's heartbeat bound": T = 1000 (trained once, then sampled)
+    # cosine schedule, T = 1000 (trained once, then sampled), and n = 64
     [PY, "benchmarks/heartbeat.py", "--configs", "experiments/configs/heartbeat_t1000.yaml", "--out", str(T1000_OUT)],
     [PY, "-m", "bdiff_pyro", "oracle", "experiments/configs/heartbeat_t1000.yaml"],
     [PY, "benchmarks/sampling.py", str(T1000_OUT / "heartbeat_t1000")],
     [PY, "-m", "bdiff_pyro", "train", "experiments/configs/heartbeat64.yaml", "--out", str(H64_OUT), "--quiet"],
-    [PY, "experiments/schedule_study.py"],
-    [PY, "benchmarks/digits.py"],
-    # issue "Other discrete kernels"
-    [PY, "experiments/kernels.py"],
-    # issue "Exact cross-check"
-    [PY, "-m", "bdiff_pyro", "compare", "experiments/configs/compare.yaml"],
+    # the studies under experiments/ (each README says what it measures)
+    [PY, "experiments/schedules/schedules.py"],
+    [PY, "experiments/digits/digits.py"],
+    [PY, "experiments/kernels/kernels.py"],
+    [PY, "experiments/crosscheck/compare.py"],
     # benchmarks/results.json and results.md: the newest result of each piece
     [PY, "benchmarks/collect.py"],
 ]

@@ -12,7 +12,6 @@ the fraction of 10,000 samples that are exact heartbeats and the shift histogram
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -20,13 +19,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from machine import default_out, start
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import default_out, start  # noqa: E402
-
-from bdiff_pyro.checkpoints import load_with_config  # noqa: E402
-from bdiff_pyro.data import load_dataset  # noqa: E402
-from bdiff_pyro.evaluation import membership, pattern_histogram  # noqa: E402
+from bdiff_pyro.checkpoints import load_with_config
+from bdiff_pyro.data import load_dataset
+from bdiff_pyro.evaluation import membership, pattern_histogram
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = (5, 10, 20, 30, 50, 100, 200, 1000)
@@ -69,14 +66,16 @@ def main(argv=None):
     strided = []
     for steps in [s for s in STEPS if s <= model.T]:
         samples, seconds = timed_samples(model, args.num, 0, steps)
-        strided.append({"evaluations": steps, "exact_fraction": membership(samples, dataset.train, dataset.val)["train"],
+        strided.append({"evaluations": steps,
+                        "exact_fraction": membership(samples, dataset.train, dataset.val)["train"],
                         "shift_fractions": pattern_histogram(samples, dataset.support), "seconds": seconds,
                         "samples_per_second": args.num / seconds})
         print(f"{steps:5d} evaluations: {strided[-1]['exact_fraction']:.2%} exact, {seconds:.2f} s", flush=True)
     args.out.mkdir(parents=True)
     (args.out / "results.json").write_text(json.dumps({"machine": machine, "command": command, "run": str(args.run_dir),
                                                         "throughput": throughput, "strided": strided}, indent=2))
-    lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} ({machine['torch_threads']} "
+    lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+             f"({machine['torch_threads']} "
              f"threads). Command: `{command}`.", "",
              f"Full sampler at T = {model.T}: {throughput['samples_per_second']:.0f} samples/s "
              f"(median of 3 x {args.num}); drawing its T x n Bernoulli variates alone, with no network: "
@@ -84,7 +83,8 @@ def main(argv=None):
              "| network evaluations | exact heartbeats | shifts | samples/s |", "|---|---|---|---|"]
     for row in strided:
         shifts = " ".join(f"{f:.3f}" for f in row["shift_fractions"])
-        lines.append(f"| {row['evaluations']} | {row['exact_fraction']:.2%} | {shifts} | {row['samples_per_second']:.0f} |")
+        lines.append(f"| {row['evaluations']} | {row['exact_fraction']:.2%} | {shifts} "
+                     f"| {row['samples_per_second']:.0f} |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.semilogx([r["evaluations"] for r in strided], [100 * r["exact_fraction"] for r in strided], marker="o")

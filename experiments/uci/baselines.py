@@ -24,11 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
-
-from bdiff_pyro.baselines.autoregressive import FVSBN, MADE, MADE_WEIGHT_DECAYS, negative_log_likelihood_summary  # noqa: E402
-from bdiff_pyro.baselines.mixture import ALPHA_GRID, COMPONENT_GRID, IndependentBernoulli, select_mixture  # noqa: E402
-from bdiff_pyro.errors import UserError  # noqa: E402
+from bdiff_pyro.baselines.autoregressive import FVSBN, MADE, MADE_WEIGHT_DECAYS, negative_log_likelihood_summary
+from bdiff_pyro.baselines.mixture import ALPHA_GRID, COMPONENT_GRID, IndependentBernoulli, select_mixture
+from bdiff_pyro.errors import UserError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DATASETS = ("dna", "mushrooms")
@@ -83,8 +81,8 @@ def settings(args):
     return {"mixture": {"components": COMPONENT_GRID, "alphas": ALPHA_GRID, "restarts": args.restarts,
                         "max_iter": 500},
             "fvsbn": {"weight_decays": (0.1, 0.03, 0.01, 0.006, 0.003, 0.0015, 0.001, 0.0003), "max_iter": 2000},
-            "made": {"hidden_grid": args.made_hidden, "weight_decays": MADE_WEIGHT_DECAYS, "max_epochs": args.max_epochs, "patience": args.patience,
-                     "masks": args.masks}}
+            "made": {"hidden_grid": args.made_hidden, "weight_decays": MADE_WEIGHT_DECAYS,
+                     "max_epochs": args.max_epochs, "patience": args.patience, "masks": args.masks}}
 
 
 def evaluate(name, model, test, fit_seconds, selected, valid_nll, dataset):
@@ -132,18 +130,20 @@ def run_dataset(dataset, data, config, seed, log):
     hidden_grid = made["hidden_grid"] or [[train.shape[1]]]  # hidden layers must be at least as wide as the input
     for name, masks in (("MADE (one mask)", 1), ("MADE (mask ensemble)", made["masks"])):
         model, seconds = timed(lambda masks=masks: MADE.fit(
-            train, valid, hidden_grid=hidden_grid, weight_decays=made["weight_decays"], num_orderings=masks, max_epochs=made["max_epochs"],
-            patience=made["patience"], skip_connections=True, seed=seed, log=log))
+            train, valid, hidden_grid=hidden_grid, weight_decays=made["weight_decays"], num_orderings=masks,
+            max_epochs=made["max_epochs"], patience=made["patience"], skip_connections=True, seed=seed, log=log))
         chosen = next(row for row in model.selection if row["hidden"] == list(model.hidden))
         rows.append(evaluate(name, model, test, seconds,
-                             f"{masks} ordering(s), hidden={list(model.hidden)}, lambda={model.weight_decay:g}, epochs={model.epochs}",
+                             f"{masks} ordering(s), hidden={list(model.hidden)}, lambda={model.weight_decay:g}, "
+                             f"epochs={model.epochs}",
                              chosen["valid_nll"], dataset))
         log(f"{dataset}: {name} {rows[-1]['test_nll']:.3f} nats ({rows[-1]['selected']})")
     return rows
 
 
 def markdown_table(rows):
-    lines = ["| data | model | test NLL (nats) | s.e. | published | difference | fit (s) | eval (s) | chosen on valid |",
+    lines = ["| data | model | test NLL (nats) | s.e. | published | difference | fit (s) | eval (s) "
+             "| chosen on valid |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['dataset']} | {r['model']} | {r['test_nll']:.2f} | {r['test_se']:.2f} | "
