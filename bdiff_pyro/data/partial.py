@@ -97,7 +97,7 @@ def _from_nan(path, array, levels):
     if bad.any():
         row, col = np.argwhere(bad)[0]
         allowed = "0 or 1" if levels == 2 else f"integers 0..{levels - 1}"
-        raise UserError(f"{path}: row {row}, column {col} holds {array[row, col]!r} "
+        raise UserError(f"{path}: row {row}, column {col} holds {array[row, col].item()!r} "
                         f"(values must be {allowed}, or NaN for missing)")
     return np.where(mask, array, 0.0), mask
 
