@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.nn import functional as F
 
 from bdiff_pyro.errors import UserError
 from bdiff_pyro.programs.enumeration import (
@@ -31,6 +32,7 @@ from bdiff_pyro.programs.enumeration import (
     joint_log_probs,
     num_joint_states,
 )
+from bdiff_pyro.programs.reverse import binary_mixture_logits
 
 METHODS = ("exact", "replace", "smc")
 
@@ -214,8 +216,14 @@ def step_and_log_twist(process, x_t, t, y, mask):
         if t > 1:
             return step, torch.zeros(x_t.shape[:-1], dtype=step.dtype)
         return step, torch.where(mask, _pick(step, y), 0.0).sum(-1)
-    x0_log_probs = process.x0_log_probs(x_t, t)
-    step = process.kernel.q_posterior_log_probs_mixture(x_t, x0_log_probs, t)
+    if process.kernel.num_states == 2 and hasattr(process, "x0_logits"):  # bits: the network's fast path
+        x0_logits = process.x0_logits(x_t, t)
+        step_logits = binary_mixture_logits(process.kernel.log_posterior[t], x_t, x0_logits)
+        step = torch.stack([F.logsigmoid(-step_logits), F.logsigmoid(step_logits)], -1)
+        x0_log_probs = torch.stack([F.logsigmoid(-x0_logits), F.logsigmoid(x0_logits)], -1)
+    else:
+        x0_log_probs = process.x0_log_probs(x_t, t)
+        step = process.kernel.q_posterior_log_probs_mixture(x_t, x0_log_probs, t)
     return step, torch.where(mask, _pick(x0_log_probs, y), 0.0).sum(-1)
 
 
