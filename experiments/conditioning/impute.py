@@ -102,16 +102,15 @@ def digits_study(args):
     full = impute(process, test, torch.ones_like(test, dtype=torch.bool), num_particles=args.particles, seed=args.seed)
     print(f"digits: {len(test)} test images, {args.particles} particles; mixture of {args.components} Bernoullis")
     print(f"  log p(x) from smc: {float(full.log_evidence.mean()) / math.log(2):.2f} bits/image "
-          f"(mixture {-float(mixture.log_prob(test.numpy()).mean()) / math.log(2) * -1:.2f})")
+          f"(mixture {float(mixture.log_prob(test.numpy()).mean()) / math.log(2):.2f})")
     for name, mask in masks.items():
         mask_t = torch.as_tensor(mask)
         result = impute(process, test, mask_t, num_samples=3, num_particles=args.particles, seed=args.seed)
         diffusion_bits = -(full.log_evidence - result.log_evidence) / math.log(2)
         x = test.numpy()
         log_joint = mixture.log_prob(x)
-        observed_terms = np.where(mask, x * np.log(mixture.probs[:, None]).transpose(1, 0, 2)
-                                  + (1 - x) * np.log1p(-mixture.probs[:, None]).transpose(1, 0, 2), 0.0)
-        log_observed = logsumexp(mixture.log_weights[None] + observed_terms.sum(-1), axis=1)
+        observed_terms = (mask * x) @ np.log(mixture.probs).T + (mask * (1 - x)) @ np.log1p(-mixture.probs).T
+        log_observed = logsumexp(mixture.log_weights[None] + observed_terms, axis=1)
         mixture_bits = -(log_joint - log_observed) / math.log(2)
         missing = (~mask).sum(1).mean()
         print(f"  {name}: -log2 p(missing | observed) = diffusion {float(diffusion_bits.mean()):.2f} "
