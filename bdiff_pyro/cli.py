@@ -224,6 +224,49 @@ def cmd_evaluate(args):
         print(json.dumps(report, allow_nan=False))
 
 
+def cmd_impute(args):
+    data = Path(args.data)
+    if not data.is_file():
+        raise UserError(f"{data}: cannot read data file ({'a directory' if data.is_dir() else 'no such file'})")
+    out = check_output_file(args.out, args.force) if args.out else None
+    from bdiff_pyro.checkpoints import load_with_config
+    from bdiff_pyro.data import partial
+
+    config, process = load_with_config(args.checkpoint)
+    use_threads(config)
+    values, mask, kind = partial.read_partial(data, config.data.levels, config.data.alphabet)
+    if values.shape[1] != process.n:
+        raise UserError(f"{data}: sequences of length {values.shape[1]}, but the model has n = {process.n}")
+    as_arrays = kind == "array" or (out is not None and out.suffix == ".npz")
+    if as_arrays and (out is None or out.suffix != ".npz"):
+        raise UserError(f"{data}: array input gives array output; pass --out FILE.npz")
+    from bdiff_pyro.programs.conditioning import impute
+
+    result = impute(process, values, mask, method=args.method, num_samples=args.samples,
+                    num_particles=args.particles, seed=args.seed)
+    if as_arrays:
+        import numpy as np
+
+        handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".npz")
+        os.close(handle)
+        np.savez(temporary, **partial.imputation_arrays(result))
+        os.replace(temporary, out)
+        print(f"completions, marginals{' and evidence' if result.ess is not None else ''} in {out}")
+        return
+    lines = partial.completion_lines(result.completions, config.data.alphabet)
+    if out is None:
+        write_to_stdout([lines])
+        return
+    write_atomically(out, [lines])
+    written = [f"completions in {out}", f"marginals in {out}.marginals"]
+    write_atomically(Path(f"{out}.marginals"), [partial.marginal_lines(result.marginals)])
+    if result.ess is not None:
+        write_atomically(Path(f"{out}.evidence.csv"),
+                         [partial.evidence_csv(result.log_evidence, result.log_evidence_se, result.ess)])
+        written.append(f"log p(x_observed) per row in {out}.evidence.csv")
+    print("; ".join(written))
+
+
 def cmd_compare(args):
     from bdiff_pyro.crosscheck import compare_main
 
@@ -369,6 +412,20 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_oracle)
+
+    p = command("impute", "complete partially observed sequences: the model's conditional given the observed bits")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR")
+    p.add_argument("data", metavar="DATA_FILE", help="text lines with ? for missing, .npy/.npz with NaN for missing, "
+                   "or .npz with arrays values and mask (1 = observed)")
+    p.add_argument("--method", choices=("exact", "replace", "smc"), default="smc",
+                   help="exact: enumeration (small n); replace: a heuristic; smc: twisted sequential Monte Carlo")
+    p.add_argument("--particles", type=at_least(4), default=256, help="smc particles per row (a multiple of 4)")
+    p.add_argument("--samples", type=at_least(1), default=1, help="completions per row")
+    p.add_argument("--seed", type=seed, help="random seed (default: unseeded, different every time)")
+    p.add_argument("--out", help="write completions here (FILE.npz for arrays) and the marginals beside it; "
+                   "default: completions to standard output")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(func=cmd_impute)
 
     p = command("compare", "analytic K against TraceEnum_ELBO, Trace_ELBO and log p(x^0)")
     p.add_argument("config", help="e.g. experiments/crosscheck/compare.yaml")
