@@ -16,7 +16,7 @@ SCHEDULES = [("paper", 2.0), ("cosine", 2.0), ("power", 3.0), ("power", 0.7)]
 
 
 def step_matrix(beta, pi_1):
-    """DESIGN.md 1 read literally: q(x^t = 1 | x^{t-1}) = x^{t-1} (1 - beta) + beta pi_1."""
+    """docs/math.md §1 read literally: q(x^t = 1 | x^{t-1}) = x^{t-1} (1 - beta) + beta pi_1."""
     p_one = lambda x: x * (1 - beta) + beta * pi_1  # noqa: E731
     return torch.tensor([[1 - p_one(0), p_one(0)], [1 - p_one(1), p_one(1)]], dtype=torch.float64)
 
@@ -80,7 +80,7 @@ def test_entropy_matches_brute_force_over_all_states(n, pi_1):
     generator = torch.Generator().manual_seed(n)
     x0 = (torch.rand(1, n, generator=generator, dtype=torch.float64) < 0.5).double()
     for t in range(1, T + 1):
-        p_one = x0 * (1 - kernel.beta_tilde[t]) + kernel.beta_tilde[t] * pi_1  # DESIGN.md 1
+        p_one = x0 * (1 - kernel.beta_tilde[t]) + kernel.beta_tilde[t] * pi_1  # docs/math.md §1
         probs = torch.where(states == 1, p_one, 1 - p_one).prod(-1)  # q(x^t = s | x^0) over 2^n states
         brute = float(-(probs * probs.log()).sum())
         closed = float(entropy(kernel.q_marginal_log_probs(x0, t)).sum())

@@ -157,7 +157,7 @@ def test_oracle_is_the_best_factorised_reverse(schedule, T, pi_1, learned_edge, 
 
 
 def slow_oracle_step(kernel, patterns, weights, x_t, t):
-    """DESIGN.md 3 read literally, from the step matrices alone:
+    """docs/math.md §3 read literally, from the step matrices alone:
     f*_i(x^t) = sum_j P(d_j | x^t) q(x^{t-1}_i = . | x^t_i, d_{j,i}),  P(d_j | x^t) ∝ w_j q(x^t | d_j)."""
     Q = kernel.log_Q.exp()
     Qbar = [torch.eye(2, dtype=torch.float64)]

@@ -77,7 +77,7 @@ def test_analytic_elbo_equals_traceenum_elbo(case):
     r = results(**case)
     relative = ((r["analytic"] - r["traceenum"]).abs() / r["analytic"].abs()).max()
     assert relative < 1e-8, f"max relative difference {float(relative):.3g}"
-    if case["pi_1"] == 0.5:  # K is the ELBO exactly (DESIGN.md 2)
+    if case["pi_1"] == 0.5:  # K is the ELBO exactly (docs/math.md §2.3)
         assert r["pi_correction"].abs().max() < 1e-12
 
 
