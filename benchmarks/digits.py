@@ -100,7 +100,8 @@ def diffusion(config, config_path, run_dir, splits, replicates, existing_run=Non
     eval_seconds = time.perf_counter() - started
     samples = model.sample(1000, seed=0)
     return model, {
-        "run_dir": repository_relative(run_dir), "config": repository_relative(config_path), "T": model.T, "steps": metrics["steps"],
+        "run_dir": repository_relative(run_dir), "config": repository_relative(config_path),
+        "T": model.T, "steps": metrics["steps"],
         "train_seconds": metrics["wall_time_s"], "num_parameters": metrics["num_parameters"],
         "test_bits": -report["elbo_bits"], "test_se_mc": report["se_bits"],
         "test_se_images": _per_image(per_image_bits)[1], "replicates": replicates,
