@@ -137,25 +137,6 @@ def test_bad_kernel_parameters_are_user_errors(bad):
         BernoulliKernel(make_beta_tilde("paper", bad.get("T", 5)), bad.get("pi_1", 0.5))
 
 
-from conftest import KERNEL_CASES  # noqa: E402
-
-
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[0]}{c[1]}")
-@pytest.mark.parametrize("schedule", ["paper", "cosine"])
-def test_every_kernel_is_a_consistent_markov_chain(case, schedule):
-    from bdiff_pyro.diffusion.kernels import DiscreteKernel, make_kernel
-    name, num_states, pi_1 = case
-    kernel = make_kernel(name, make_beta_tilde(schedule, 11), num_states, pi_1 or 0.5)
-    Q, Qbar, pi = kernel.log_Q.exp(), kernel.log_Qbar.exp(), kernel.pi
-    assert torch.allclose(Q.sum(-1), torch.ones_like(Q.sum(-1)), atol=1e-13)
-    assert torch.allclose(Qbar, DiscreteKernel.cumulative_matrices(kernel, Q), atol=1e-12)  # closed form = product
-    for t in range(1, 12):
-        assert torch.allclose(pi @ Q[t], pi, atol=1e-13)  # pi is stationary
-        for s in (0, t // 2, t - 1):
-            assert torch.allclose(kernel.log_span(s, t).exp(), DiscreteKernel.log_span(kernel, s, t).exp(), atol=1e-12)
-    assert not torch.isnan(kernel.log_posterior).any()
-
-
 def test_gaussian_kernel_is_symmetric_and_prefers_near_states():
     from bdiff_pyro.diffusion.kernels import DiscretisedGaussianKernel
     Q = DiscretisedGaussianKernel(make_beta_tilde("cosine", 20), 5).log_Q.exp()

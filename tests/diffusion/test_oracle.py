@@ -29,17 +29,6 @@ from bdiff_pyro.diffusion.oracle import (
 from bdiff_pyro.diffusion.schedules import make_beta_tilde
 from bdiff_pyro.evaluation import oracle_for_config, oracle_samples_report
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small-tensor reductions (logsumexp, log_softmax) take ~15 ms a call when two OpenMP
-    threads share a busy 2-core machine; one thread is 1000x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SUPPORTS = {
     # (patterns, weights): two or three patterns on n = 3 bits
     "three-unequal": ([[1, 0, 1], [0, 1, 1], [1, 1, 0]], [0.5, 0.3, 0.2]),

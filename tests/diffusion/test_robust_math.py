@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_kernel_process
+from helpers import make_kernel_process
 
 from bdiff_pyro.cli import main
 from bdiff_pyro.diffusion.bound import all_states, elbo_exact
@@ -35,7 +35,7 @@ def test_gaussian_kernel_bound_is_the_same_in_float32_and_float64():
 def test_span_after_the_schedule_reaches_one_early(kernel_class, states):
     """beta~_2 = 1 < beta~_T: the closed-form s -> t transition equals the product of the steps
     (every step after s = 2 redraws from pi) instead of 0/0, and strided sampling across it works."""
-    from conftest import _random_process
+    from helpers import random_process
 
     from bdiff_pyro.diffusion.kernels import BernoulliKernel, DiscreteKernel, UniformKernel
 
@@ -49,7 +49,7 @@ def test_span_after_the_schedule_reaches_one_early(kernel_class, states):
     assert torch.equal(kernel.log_span(2, 4).exp(), redraw)
 
     torch.manual_seed(0)
-    process = _random_process(kernel, 3, "x0", (8,), "state")
+    process = random_process(kernel, 3, "x0", (8,), "state")
     assert process.stride_grid(2) == [(4, 2), (2, 0)]
     samples = process.sample(200, seed=0, steps=2)
     assert samples.shape == (200, 3) and set(samples.unique().tolist()) <= set(range(states))

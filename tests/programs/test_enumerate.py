@@ -20,16 +20,6 @@ from bdiff_pyro.programs.reverse import ReverseProcess
 from bdiff_pyro.programs.sites import state_dist
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: with two OpenMP threads on a busy 2-core machine every op
-    waits for the other thread (10x slower).  Restored afterwards for the other tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_process(n, T, schedule="cosine", pi_1=0.5, parameterisation="x0", seed=0, sharpness=3.0):
     """A random float64 reverse process.  The output layer is scaled up so that the reverse
     probabilities vary strongly with x^t (a near-constant network would hide coupling)."""
