@@ -18,6 +18,8 @@ from bdiff_pyro import train as train_module
 from bdiff_pyro.config import load_config
 from bdiff_pyro.train import TrainingStopped, train
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the bdiff command
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "model.T=6", "--set", "model.hidden=[16]", "--set", "train.steps=40",
         "--set", "train.eval_every=20", "--set", "train.checkpoint_every=20", "--set", "evaluate.num_samples=500",

@@ -70,6 +70,7 @@ def test_bound_fell_only_beyond_the_monte_carlo_error():
     assert bound_fell({"elbo_bits": -2.0, "se_bits": 0.0}, {"elbo_bits": -3.1, "se_bits": 0.0}) is not None
 
 
+@pytest.mark.slow
 def test_a_huge_learning_rate_trains_to_a_collapse_and_says_so(tmp_path):
     result = bdiff("train", CONFIG, "--out", tmp_path / "run", "--quiet", *TINY,
                    "--set", "train.lr=1e6", "--set", "train.lr_final=1e6")
@@ -309,6 +310,7 @@ def test_a_byte_order_mark_is_skipped(tmp_path):
 # Threads and startup
 
 
+@pytest.mark.slow
 def test_training_uses_one_thread_by_default(tmp_path):
     from bdiff_pyro.train import train
 
@@ -356,6 +358,7 @@ def test_bad_input_is_refused_before_torch_is_imported(args, tmp_path):
 # What a run prints
 
 
+@pytest.mark.slow
 def test_the_progress_bar_shows_both_as_minus_elbo(tmp_path):
     from bdiff_pyro.train import train
 
@@ -538,6 +541,7 @@ def test_compare_legend_fits_a_one_panel_grid(monkeypatch, tmp_path):
     assert legend.get_window_extent(renderer).y1 < fig.axes[0].xaxis.label.get_window_extent(renderer).y0
 
 
+@pytest.mark.slow
 def test_convergence_titles_fit_and_ties_are_broken(tiny_run, tmp_path, monkeypatch):
     from bdiff_pyro import diagnostics
 

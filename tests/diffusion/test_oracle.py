@@ -255,6 +255,7 @@ def test_monte_carlo_oracle_bound_agrees_with_the_exact_one():
     assert report["K_bits"] == pytest.approx(exact, abs=1e-9)  # pi_1 = 1/2: no pi correction
 
 
+@pytest.mark.slow
 def test_oracle_samples_reproduce_the_pattern_frequencies():
     """At T = 200 the oracle's gap on this support is 0.02 bits, so its samples should be the
     patterns in proportion to their weights (a weights-blind sampler would fail: the weights
@@ -316,6 +317,7 @@ def test_oracle_main_on_configs(tmp_path):
     assert report["support"] == "empirical (training set)"
 
 
+@pytest.mark.slow
 def test_schedule_study_outputs(tmp_path):
     from bdiff_pyro.study import DEFAULT_SPECS, T_for_gap, markdown_tables, plot_gaps, run_study, write_csv
 
@@ -334,6 +336,7 @@ def test_schedule_study_outputs(tmp_path):
     assert (tmp_path / "gap.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_schedule_study_script_refuses_to_overwrite(tmp_path):
     import importlib.util
     from pathlib import Path

@@ -135,6 +135,7 @@ def test_papers_K_is_null_where_pi_has_zeros():
         assert strict_json(json.dumps(report))["K_bits"] is None
 
 
+@pytest.mark.slow
 def test_metrics_and_diagnostics_of_an_absorbing_run(tmp_path):
     """metrics.json is valid JSON with K_bits null; the diagnostics file says why it has no
     pi correction."""
@@ -166,6 +167,7 @@ def test_metrics_and_diagnostics_of_an_absorbing_run(tmp_path):
         assert "pi_correction_bits" not in tree.attrs and "pi has zeros" in tree.attrs["paper_K_undefined"]
 
 
+@pytest.mark.slow
 def test_oracle_command_for_a_kernel_without_pi_1():
     """The absorbing kernel has K = 3 states (no pi_1): the report prints without it, its
     samples are drawn, and --json is valid JSON with the paper's K null."""

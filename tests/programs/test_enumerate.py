@@ -317,6 +317,7 @@ def test_enumerating_the_guide_in_forward_order_is_wrong_even_for_one_bit(T):
 # The comparison experiment (bdiff compare)
 
 
+@pytest.mark.slow
 def test_compare_config_is_valid_and_a_tiny_run_writes_everything_once(tmp_path):
     from pathlib import Path
 

@@ -24,6 +24,8 @@ from bdiff_pyro.config import load_config
 from bdiff_pyro.diffusion.bound import LN2, elbo_exact
 from bdiff_pyro.evaluation import bound_report
 
+pytestmark = pytest.mark.slow  # end-to-end training runs through the command line
+
 ROOT = Path(__file__).resolve().parents[2]
 HEARTBEAT = ROOT / "experiments/configs/heartbeat.yaml"
 TINY = ["model.T=6", "model.hidden=[16]", "train.steps=20", "train.eval_every=10", "train.checkpoint_every=10",
