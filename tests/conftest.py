@@ -1,11 +1,8 @@
+"""Fixtures only; shared helpers live in tests/helpers.py."""
+
 import pyro
 import pytest
 import torch
-
-from bdiff_pyro.diffusion.kernels import BernoulliKernel
-from bdiff_pyro.diffusion.schedules import make_beta_tilde
-from bdiff_pyro.networks.mlp import MLP
-from bdiff_pyro.programs.reverse import ReverseProcess
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -22,46 +19,3 @@ def fresh_pyro_state():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     yield
-
-
-def make_process(n=2, T=3, pi_1=0.5, schedule="cosine", parameterisation="x0", seed=0, hidden=(16, 16),
-                 inputs="state", film=False, add_own_evidence=True):
-    """A randomly initialised float64 reverse process (weights scaled up so it is far from
-    trivial)."""
-    torch.manual_seed(seed)
-    kernel = BernoulliKernel(make_beta_tilde(schedule, T), pi_1=pi_1)
-    return _random_process(kernel, n, parameterisation, hidden, inputs, film, add_own_evidence)
-
-
-def _random_process(kernel, n, parameterisation, hidden, inputs, film=False, add_own_evidence=True):
-    net = MLP(n, kernel.num_states, hidden=hidden, activation="tanh", time_embedding=8,
-                     num_features=ReverseProcess.num_features(kernel, inputs), film=film)
-    if film:  # FiLM layers start at zero; make them count
-        with torch.no_grad():
-            for layer in net.film:
-                layer.weight.normal_(0, 0.3)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(3.0)
-    return ReverseProcess(kernel, net, parameterisation, inputs, add_own_evidence).double()
-
-
-# Every kernel, one line each: (name, data states K, pi_1).  A new kernel is tested by adding
-# a line here; the exact cross-checks are parametrised over this list.
-KERNEL_CASES = [
-    ("bernoulli", 2, 0.5),
-    ("bernoulli", 2, 0.2),
-    ("uniform", 3, None),
-    ("absorbing", 2, None),
-    ("gaussian", 3, None),
-]
-
-
-def make_kernel_process(case, n=2, T=3, schedule="cosine", parameterisation="x0", seed=0, hidden=(16, 16),
-                        inputs="state", add_own_evidence=True):
-    """A random float64 reverse process for one of KERNEL_CASES."""
-    from bdiff_pyro.diffusion.kernels import make_kernel
-    name, num_states, pi_1 = case
-    torch.manual_seed(seed)
-    kernel = make_kernel(name, make_beta_tilde(schedule, T), num_states, pi_1 if pi_1 is not None else 0.5)
-    return _random_process(kernel, n, parameterisation, hidden, inputs, add_own_evidence=add_own_evidence)

@@ -1,8 +1,6 @@
 """The bdiff command end to end: a tiny training run, sampling, evaluation, every bad input
 (exit 2, one line, no traceback), interruption and resume, divergence."""
 
-import contextlib
-import io
 import json
 import signal
 import subprocess
@@ -13,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import assert_one_line, bdiff, bdiff_subprocess
 
 import bdiff_pyro
 from bdiff_pyro import train as train_module
-from bdiff_pyro.cli import main
 from bdiff_pyro.config import load_config
 from bdiff_pyro.train import TrainingStopped, train
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the bdiff command
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "model.T=6", "--set", "model.hidden=[16]", "--set", "train.steps=40",
@@ -26,38 +26,10 @@ TINY = ["--set", "model.T=6", "--set", "model.hidden=[16]", "--set", "train.step
         "--set", "evaluate.replicates=2", "--set", "train.eval_samples=100", "--set", "evaluate.diagnose=false"]
 
 
-def bdiff(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "bdiff_pyro", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=300)
-
-
-class _Result:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def bdiff_in_process(*args):
-    """The same entry point without a new interpreter (saves ~3 s of imports per call)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exit:  # argparse
-            code = exit.code
-    return _Result(code, out.getvalue(), err.getvalue())
-
-
-def assert_user_error(result, fragment):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert fragment in lines[0], lines[0]
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    result = bdiff("train", "experiments/configs/heartbeat.yaml", "--out", out, "--quiet", *TINY)
+    result = bdiff_subprocess("train", "experiments/configs/heartbeat.yaml", "--out", out, "--quiet", *TINY)
     assert result.returncode == 0, result.stderr
     return out, result
 
@@ -92,14 +64,14 @@ def test_load_api(tiny_run):
 
 def test_sample_and_evaluate_commands(tiny_run, tmp_path):
     out, _ = tiny_run
-    result = bdiff("sample", out, "-n", 5, "--seed", 1)
+    result = bdiff_subprocess("sample", out, "-n", 5, "--seed", 1)
     lines = result.stdout.split()
     assert result.returncode == 0 and len(lines) == 5 and all(len(l) == 20 and set(l) <= {"0", "1"} for l in lines)
     target = tmp_path / "s.txt"
-    assert bdiff("sample", out, "-n", 5, "--seed", 1, "--out", target).returncode == 0
+    assert bdiff_subprocess("sample", out, "-n", 5, "--seed", 1, "--out", target).returncode == 0
     assert target.read_text().split() == lines
-    assert_user_error(bdiff("sample", out, "-n", 5, "--out", target), "file exists")
-    result = bdiff("evaluate", out, "experiments/data/heartbeat_text/val.txt")
+    assert_one_line(bdiff_subprocess("sample", out, "-n", 5, "--out", target), "file exists")
+    result = bdiff_subprocess("evaluate", out, "experiments/data/heartbeat_text/val.txt")
     assert result.returncode == 0 and "bits/seq" in result.stdout and "±" in result.stdout
 
 
@@ -107,32 +79,32 @@ def test_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path):
     out, _ = tiny_run
     bad_data = tmp_path / "bad.txt"
     bad_data.write_text("0101\n01a1\n")
-    assert_user_error(bdiff("evaluate", out, bad_data), "bad.txt:2: unexpected character 'a'")
+    assert_one_line(bdiff_subprocess("evaluate", out, bad_data), "bad.txt:2: unexpected character 'a'")
     ragged = tmp_path / "ragged.txt"
     ragged.write_text("0101\n011\n")
-    assert_user_error(bdiff_in_process("evaluate", out, ragged), "ragged.txt:2: sequence of length 3")
+    assert_one_line(bdiff("evaluate", out, ragged), "ragged.txt:2: sequence of length 3")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert_user_error(bdiff_in_process("evaluate", out, empty), "empty.txt: no sequences")
+    assert_one_line(bdiff("evaluate", out, empty), "empty.txt: no sequences")
     short = tmp_path / "short.txt"
     short.write_text("0101\n")
-    assert_user_error(bdiff_in_process("evaluate", out, short), "the model has n = 20")
-    assert_user_error(bdiff("train", "experiments/configs/heartbeat.yaml", "--set", "model.T=1"), "model.T must be >= 2")
-    assert_user_error(bdiff_in_process("train", "experiments/configs/heartbeat.yaml", "--set", "train.lr=0"), "train.lr must be > 0")
-    assert_user_error(bdiff_in_process("train", "experiments/configs/heartbeat.yaml", "--set", "model.schedule=linear"),
+    assert_one_line(bdiff("evaluate", out, short), "the model has n = 20")
+    assert_one_line(bdiff_subprocess("train", "experiments/configs/heartbeat.yaml", "--set", "model.T=1"), "model.T must be >= 2")
+    assert_one_line(bdiff("train", "experiments/configs/heartbeat.yaml", "--set", "train.lr=0"), "train.lr must be > 0")
+    assert_one_line(bdiff("train", "experiments/configs/heartbeat.yaml", "--set", "model.schedule=linear"),
                       "model.schedule must be one of")
-    assert_user_error(bdiff_in_process("train", "experiments/configs/heartbeat.yaml", "--set", "model.depth=3"),
+    assert_one_line(bdiff("train", "experiments/configs/heartbeat.yaml", "--set", "model.depth=3"),
                       "unknown config key 'model.depth'")
-    assert_user_error(bdiff_in_process("train", tmp_path / "missing.yaml"), "missing.yaml: cannot read config")
-    assert_user_error(bdiff_in_process("sample", tmp_path, "-n", 3), "no checkpoint here")
+    assert_one_line(bdiff("train", tmp_path / "missing.yaml"), "missing.yaml: cannot read config")
+    assert_one_line(bdiff("sample", tmp_path, "-n", 3), "no checkpoint here")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    assert_user_error(bdiff_in_process("sample", garbage, "-n", 3), "not a readable checkpoint")
+    assert_one_line(bdiff("sample", garbage, "-n", 3), "not a readable checkpoint")
     # a checkpoint that does not match the config it is resumed with
-    assert_user_error(bdiff_in_process("train", "experiments/configs/heartbeat.yaml", "--resume", out, *TINY[:-2],
+    assert_one_line(bdiff("train", "experiments/configs/heartbeat.yaml", "--resume", out, *TINY[:-2],
                             "--set", "model.T=7"), "checkpoint was trained with model.T=6")
     # a run never overwrites an earlier run's directory
-    assert_user_error(bdiff_in_process("train", "experiments/configs/heartbeat.yaml", "--out", out, *TINY),
+    assert_one_line(bdiff("train", "experiments/configs/heartbeat.yaml", "--out", out, *TINY),
                       "refusing to overwrite")
     assert (out / "metrics.json").is_file()
 
@@ -142,7 +114,7 @@ def test_checkpoint_whose_weights_do_not_match_its_config(tiny_run, tmp_path):
     payload = torch.load(out / "checkpoint.pt", weights_only=False)
     payload["config"]["model"]["hidden"] = [32]
     torch.save(payload, tmp_path / "checkpoint.pt")
-    assert_user_error(bdiff("sample", tmp_path, "-n", 2), "weights do not match")
+    assert_one_line(bdiff_subprocess("sample", tmp_path, "-n", 2), "weights do not match")
 
 
 def test_interrupt_then_resume(tmp_path):
@@ -164,7 +136,7 @@ def test_interrupt_then_resume(tmp_path):
     assert step >= 10
     assert not list(out.glob(".*.tmp")), "a temporary checkpoint file was left behind"
     finish = step + 15
-    result = bdiff("train", "experiments/configs/heartbeat.yaml", "--resume", out, "--quiet",
+    result = bdiff_subprocess("train", "experiments/configs/heartbeat.yaml", "--resume", out, "--quiet",
                    *[a.replace("train.steps=100000", f"train.steps={finish}") for a in args])
     assert result.returncode == 0, result.stderr
     assert f"resuming {out} at step {step}" in result.stdout
@@ -234,13 +206,13 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
 
 
 def test_oracle_command_with_samples():
-    result = bdiff_in_process("oracle", "experiments/configs/heartbeat.yaml", "--set", "model.T=20", "--samples", 300)
+    result = bdiff("oracle", "experiments/configs/heartbeat.yaml", "--set", "model.T=20", "--samples", 300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("oracle K* = ") and "T = 20" in lines[0]
     assert lines[1].startswith("of 300 oracle samples (seed 0): ") and "% in the support" in lines[1]
     assert len(lines[1].split("pattern fractions ")[1].split()) == 5  # the five heartbeat shifts
-    assert_user_error(bdiff_in_process("oracle", "experiments/configs/heartbeat.yaml", "--samples", -1),
+    assert_one_line(bdiff("oracle", "experiments/configs/heartbeat.yaml", "--samples", -1),
                       "--samples: must be at least 0")
-    assert_user_error(bdiff_in_process("train", "experiments/configs/heartbeat.yaml", "--set",
+    assert_one_line(bdiff("train", "experiments/configs/heartbeat.yaml", "--set",
                                        "model.add_own_evidence=maybe"), "model.add_own_evidence")

@@ -140,7 +140,6 @@ def test_outside_references_are_recognised():
     assert [number for number, _ in found] == expected, found
 
 
-@pytest.mark.xfail(strict=True, reason="references being moved to docs/math.md")
 def test_no_file_refers_outside_the_repository():
     offences = []
     for path in repository_files():

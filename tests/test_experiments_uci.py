@@ -41,6 +41,7 @@ def run_script(*args):
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=600)
 
 
+@pytest.mark.slow
 def test_script_runs_with_tiny_settings_and_writes_its_table(tmp_path, capsys):
     out = tmp_path / "uci"
     assert load_script().main(["--quick", "--max-rows", "60", "--datasets", "mushrooms", "--out", str(out)]) == 0
@@ -57,6 +58,7 @@ def test_script_runs_with_tiny_settings_and_writes_its_table(tmp_path, capsys):
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already holds results" in again.stderr
 
 
+@pytest.mark.slow
 def test_script_names_a_missing_data_file(tmp_path):
     result = run_script("--data-dir", str(tmp_path), "--datasets", "dna", "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import assert_one_line, bdiff
 
 from bdiff_pyro import cli, memory
 from bdiff_pyro.config import ConfigWarning, load_config
@@ -25,31 +26,6 @@ CONFIG = ROOT / "experiments/configs/heartbeat.yaml"
 TINY = ["--set", "model.T=6", "--set", "model.hidden=[16]", "--set", "train.steps=40",
         "--set", "train.eval_every=20", "--set", "train.checkpoint_every=20", "--set", "evaluate.num_samples=200",
         "--set", "evaluate.replicates=2", "--set", "train.eval_samples=100", "--set", "evaluate.diagnose=false"]
-
-
-class _Result:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def bdiff(*args):
-    """bdiff in this process (argparse's exits included)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([str(a) for a in args])
-        except SystemExit as exit:
-            code = exit.code
-    return _Result(code, out.getvalue(), err.getvalue())
-
-
-def assert_user_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith("bdiff: error: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def files_in(directory):
@@ -74,13 +50,13 @@ def tiny_run(tmp_path_factory):
 def test_every_float_key_must_be_finite(key, value):
     # evaluate.replicates=1 is also wrong: the float must be refused first, by its own name
     result = bdiff("train", CONFIG, "--set", f"{key}={value}", "--set", "evaluate.replicates=1")
-    assert_user_error(result, f"--set {key}={value}: {key} must be a finite number")
+    assert_one_line(result, f"--set {key}={value}: {key} must be a finite number")
 
 
 def test_a_non_finite_float_in_the_file_names_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: .inf\nevaluate:\n  replicates: 1\n")
-    assert_user_error(bdiff("train", path), f"{path}: train.lr must be a finite number (got inf)")
+    assert_one_line(bdiff("train", path), f"{path}: train.lr must be a finite number (got inf)")
 
 
 def test_bound_fell_only_beyond_the_monte_carlo_error():
@@ -94,6 +70,7 @@ def test_bound_fell_only_beyond_the_monte_carlo_error():
     assert bound_fell({"elbo_bits": -2.0, "se_bits": 0.0}, {"elbo_bits": -3.1, "se_bits": 0.0}) is not None
 
 
+@pytest.mark.slow
 def test_a_huge_learning_rate_trains_to_a_collapse_and_says_so(tmp_path):
     result = bdiff("train", CONFIG, "--out", tmp_path / "run", "--quiet", *TINY,
                    "--set", "train.lr=1e6", "--set", "train.lr_final=1e6")
@@ -123,15 +100,15 @@ def test_bad_arguments_give_one_line(args, fragments, tiny_run):
     out, _ = tiny_run
     args = [out if a == "RUN" else ROOT / "experiments/data/heartbeat_text/val.txt" if a == "DATA" else a
             for a in args]
-    assert_user_error(bdiff(*args), *fragments)
+    assert_one_line(bdiff(*args), *fragments)
 
 
 def test_a_seed_out_of_range_in_the_config(tmp_path):
     path = tmp_path / "c.yaml"
     for seed in (-1, 2 ** 32):
         path.write_text(f"seed: {seed}\n")
-        assert_user_error(bdiff("train", path), f"{path}: seed must be in 0..4294967295 (got {seed})")
-    assert_user_error(bdiff("oracle", CONFIG, "--set", "seed=-1"), "--set seed=-1: seed must be in 0..")
+        assert_one_line(bdiff("train", path), f"{path}: seed must be in 0..4294967295 (got {seed})")
+    assert_one_line(bdiff("oracle", CONFIG, "--set", "seed=-1"), "--set seed=-1: seed must be in 0..")
 
 
 def test_the_diagnose_defaults_are_the_library_defaults():
@@ -147,7 +124,7 @@ def test_the_diagnose_defaults_are_the_library_defaults():
 
 def test_sample_out_into_a_missing_directory(tiny_run, tmp_path):
     out, _ = tiny_run
-    assert_user_error(bdiff("sample", out, "-n", 3, "--out", tmp_path / "missing" / "s.txt"),
+    assert_one_line(bdiff("sample", out, "-n", 3, "--out", tmp_path / "missing" / "s.txt"),
                       "s.txt: directory", "missing does not exist")
     assert files_in(tmp_path) == []
 
@@ -156,7 +133,7 @@ def test_sample_out_into_a_missing_directory(tiny_run, tmp_path):
 def test_sample_out_onto_a_directory(tiny_run, tmp_path, force):
     out, _ = tiny_run
     (tmp_path / "d").mkdir()
-    assert_user_error(bdiff("sample", out, "-n", 3, "--out", tmp_path / "d", *force), "is a directory")
+    assert_one_line(bdiff("sample", out, "-n", 3, "--out", tmp_path / "d", *force), "is a directory")
     assert files_in(tmp_path) == ["d"] and files_in(tmp_path / "d") == []
 
 
@@ -167,7 +144,7 @@ def test_sample_out_onto_a_read_only_location(tiny_run, tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(cli.tempfile, "mkstemp", refuse)
-    assert_user_error(bdiff("sample", out, "-n", 3, "--out", tmp_path / "s.txt"), "s.txt: cannot write here",
+    assert_one_line(bdiff("sample", out, "-n", 3, "--out", tmp_path / "s.txt"), "s.txt: cannot write here",
                       "Permission denied")
     assert files_in(tmp_path) == []
 
@@ -185,7 +162,7 @@ def test_sample_out_that_fails_while_writing_leaves_no_file(tiny_run, tmp_path, 
 
     monkeypatch.setattr(memory, "rows_per_chunk", lambda *args, **kwargs: 4)
     monkeypatch.setattr(cli, "format_lines", disk_full_on_the_second_batch)
-    assert_user_error(bdiff("sample", out, "-n", 10, "--out", tmp_path / "s.txt"), "No space left on device")
+    assert_one_line(bdiff("sample", out, "-n", 10, "--out", tmp_path / "s.txt"), "No space left on device")
     assert files_in(tmp_path) == []
 
 
@@ -194,7 +171,7 @@ def test_sample_refuses_an_output_the_disk_cannot_hold(tiny_run, tmp_path, monke
     monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10 ** 9})())
     result = bdiff("sample", out, "-n", 10 ** 9, "--out", tmp_path / "s.txt")
     # 10^9 lines of 20 bits and a newline
-    assert_user_error(result, "1000000000 samples need 21.0 GB (21 bytes a line)", "1.0 GB free")
+    assert_one_line(result, "1000000000 samples need 21.0 GB (21 bytes a line)", "1.0 GB free")
     assert files_in(tmp_path) == []
 
 
@@ -237,9 +214,9 @@ def test_one_batch_is_the_models_own_sample(tiny_run):
 def test_a_duplicate_key_is_an_error_naming_its_line(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  T: 10\n  hidden: [8]\n  T: 20\n")
-    assert_user_error(bdiff("train", path), f"{path}:4: invalid YAML (duplicate key 'T' (first given on line 2))")
+    assert_one_line(bdiff("train", path), f"{path}:4: invalid YAML (duplicate key 'T' (first given on line 2))")
     path.write_text("train:\n  lr: 1e-3\nmodel:\n  T: 3\ntrain:\n  steps: 5\n")
-    assert_user_error(bdiff("train", path), f"{path}:5: invalid YAML (duplicate key 'train'")
+    assert_one_line(bdiff("train", path), f"{path}:5: invalid YAML (duplicate key 'train'")
 
 
 def write_text_config(tmp_path, data_lines):
@@ -273,16 +250,16 @@ def test_the_warning_is_one_line_on_the_command_line(tmp_path):
 
 
 def test_a_set_error_is_blamed_on_the_set_not_the_file():
-    assert_user_error(bdiff("train", CONFIG, "--set", "model.T=abc"), "--set model.T=abc: model.T must be int")
-    assert_user_error(bdiff("train", CONFIG, "--set", "model.hidden=[8, x]"), "--set model.hidden=[8, x]: model.hidden[1]")
-    assert_user_error(bdiff("train", CONFIG, "--set", "data.period=50"), "--set data.period=50: data.period must be <= ")
-    assert_user_error(bdiff("train", CONFIG, "--set", "model={T: 1}"), "--set model={T: 1}: model.T must be >= 2")
+    assert_one_line(bdiff("train", CONFIG, "--set", "model.T=abc"), "--set model.T=abc: model.T must be int")
+    assert_one_line(bdiff("train", CONFIG, "--set", "model.hidden=[8, x]"), "--set model.hidden=[8, x]: model.hidden[1]")
+    assert_one_line(bdiff("train", CONFIG, "--set", "data.period=50"), "--set data.period=50: data.period must be <= ")
+    assert_one_line(bdiff("train", CONFIG, "--set", "model={T: 1}"), "--set model={T: 1}: model.T must be >= 2")
 
 
 def test_a_mistake_in_the_file_is_blamed_on_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  T: 1\n")
-    assert_user_error(bdiff("train", path, "--set", "train.steps=5"), f"{path}: model.T must be >= 2")
+    assert_one_line(bdiff("train", path, "--set", "train.steps=5"), f"{path}: model.T must be >= 2")
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,7 +282,7 @@ def test_data_kind_npy_with_a_text_file_is_an_error(tmp_path):
     (tmp_path / "a.txt").write_text("0101\n1010\n")
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  kind: npy\n  train: a.txt\n  val: a.txt\nmodel:\n  T: 3\n")
-    assert_user_error(bdiff("oracle", path, "--quiet"), "a.txt: not a .npy array")
+    assert_one_line(bdiff("oracle", path, "--quiet"), "a.txt: not a .npy array")
 
 
 def test_a_text_file_named_npy(tmp_path):
@@ -333,6 +310,7 @@ def test_a_byte_order_mark_is_skipped(tmp_path):
 # Threads and startup
 
 
+@pytest.mark.slow
 def test_training_uses_one_thread_by_default(tmp_path):
     from bdiff_pyro.train import train
 
@@ -380,6 +358,7 @@ def test_bad_input_is_refused_before_torch_is_imported(args, tmp_path):
 # What a run prints
 
 
+@pytest.mark.slow
 def test_the_progress_bar_shows_both_as_minus_elbo(tmp_path):
     from bdiff_pyro.train import train
 
@@ -563,6 +542,7 @@ def test_compare_legend_fits_a_one_panel_grid(monkeypatch, tmp_path):
     assert legend.get_window_extent(renderer).y1 < fig.axes[0].xaxis.label.get_window_extent(renderer).y0
 
 
+@pytest.mark.slow
 def test_convergence_titles_fit_and_ties_are_broken(tiny_run, tmp_path, monkeypatch):
     from bdiff_pyro import diagnostics
 

@@ -1,4 +1,4 @@
-"""The analytic variational bound and its estimators (DESIGN.md section 2).  Pure: tensors in,
+"""The analytic variational bound and its estimators (docs/math.md §2).  Pure: tensors in,
 tensors out, no Pyro, no I/O.  Everything is in nats per sequence; divide by ln 2 for bits.
 
 For a kernel with the paper's closed-form edge step the exact ELBO of x^0 is
@@ -65,7 +65,7 @@ def pi_correction_undefined(kernel):
 
 
 def pi_correction(kernel, x0):
-    """log pi(x^0) - E_{q(x^1 | x^0)} log pi(x^1), per sequence: ELBO - K (DESIGN.md 2).
+    """log pi(x^0) - E_{q(x^1 | x^0)} log pi(x^1), per sequence: ELBO - K (docs/math.md §2.3).
 
     Raises ValueError for a kernel where it is undefined (:func:`pi_correction_undefined`):
     there it would be -inf - (-inf).

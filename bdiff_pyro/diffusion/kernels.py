@@ -3,7 +3,7 @@
 A kernel acts independently on each of the n dimensions of a sequence; each dimension
 takes one of K states (K = 2 for bits). It is described by row-stochastic matrices
 
-    Q_t[j, k]    = q(x^t = k | x^{t-1} = j),          t = 1..T   (DESIGN.md section 4)
+    Q_t[j, k]    = q(x^t = k | x^{t-1} = j),          t = 1..T   (docs/math.md §4)
     Qbar_t[j, k] = q(x^t = k | x^0 = j) = (Q_1 ... Q_t)[j, k],     Qbar_0 = I
 
 and a stationary distribution pi.  Everything downstream (the Pyro programs, the bound,
@@ -61,7 +61,7 @@ class DiscreteKernel(nn.Module):
 
     #: True when the paper's edge step p(x^0 | x^1) = q(x^1 | x^0) pi(x^0) / pi(x^1) is a
     #: proper distribution with full support (pi > 0 in every state), so the t = 1 term of
-    #: the bound is closed form (DESIGN.md section 2).  Otherwise p(x^0 | x^1) is learned.
+    #: the bound is closed form (docs/math.md §2.1).  Otherwise p(x^0 | x^1) is learned.
     closed_form_edge = True
 
     @property
@@ -137,7 +137,7 @@ class DiscreteKernel(nn.Module):
         return _rows(self.log_Qbar, t, x0)
 
     def q_posterior_log_probs(self, x_t, x0, t):
-        """Normalised log q(x^{t-1} = k | x^t, x^0), for t >= 2 (DESIGN.md sections 1, 4):
+        """Normalised log q(x^{t-1} = k | x^t, x^0), for t >= 2 (docs/math.md §4):
         a look-up in the table built by :func:`posterior_table`."""
         x_t, x0 = torch.broadcast_tensors(_index(x_t), _index(x0))
         if isinstance(t, int):
@@ -146,7 +146,7 @@ class DiscreteKernel(nn.Module):
         return self.log_posterior[t, x_t, x0]
 
     def q_posterior_log_probs_mixture(self, x_t, x0_log_probs, t, s=None):
-        """log sum_v q(x^s = k | x^t, x^0 = v) P(x^0 = v), s = t - 1 unless given (DESIGN.md 3).
+        """log sum_v q(x^s = k | x^t, x^0 = v) P(x^0 = v), s = t - 1 unless given (docs/math.md §3).
 
         x0_log_probs: (..., n, K) log P(x^0 = v) per dimension.  This is the through-x^0
         parameterisation of the reverse step (also the oracle's form); with s < t - 1 it is
@@ -235,7 +235,7 @@ class ResampleKernel(DiscreteKernel):
         Q_t    = (1 - beta_t)  I + beta_t  1 pi^T
         Qbar_t = (1 - beta~_t) I + beta~_t 1 pi^T,   1 - beta~_t = prod_{s<=t} (1 - beta_s)
 
-    K = 2 with pi = (1 - pi_1, pi_1) is Bernoulli (bit-flip) diffusion (DESIGN.md section 1);
+    K = 2 with pi = (1 - pi_1, pi_1) is Bernoulli (bit-flip) diffusion (docs/math.md §1);
     a uniform pi over K states is multinomial diffusion (Hoogeboom et al. 2021).
     """
 

@@ -1,5 +1,5 @@
 """The oracle reverse process: the best factorised reverse step when the data distribution is
-known and has finite support {d_1..d_M} with weights w_j (DESIGN.md section 3).
+known and has finite support {d_1..d_M} with weights w_j (docs/math.md §3).
 
 For t >= 2 the bound asks each step to minimise E_{q(x^0, x^t)} KL(q(x^{t-1} | x^t, x^0) ||
 p(x^{t-1} | x^t)).  Given x^0 the posterior factorises over dimensions, so for a factorised p the

@@ -1,9 +1,9 @@
-"""Exact ELBO and log-likelihood by Pyro enumeration, and importance sampling (DESIGN.md 2).
+"""Exact ELBO and log-likelihood by Pyro enumeration, and importance sampling (docs/math.md §5).
 
 The reverse network couples every dimension of x^t, so a time slice cannot be enumerated as
 Bernoulli sites inside a plate over dimensions: Pyro would sum each plate element over its
 own values independently, while p(x^{t-1} | x^t) reads all of them at once (the
-"enumeration pitfall" of DESIGN.md section 2; tests/test_enumerate.py shows the wrong number
+"enumeration pitfall" of docs/math.md §5; tests/test_enumerate.py shows the wrong number
 it gives).  Here a time slice is ONE Categorical site over the S = K^n joint states of the
 sequence.  A joint state is the integer
 

@@ -1,5 +1,5 @@
 """The reverse (generative) process: a time-conditioned network shared across steps, and the
-generative Pyro program of DESIGN.md section 2
+generative Pyro program of docs/math.md §2.1
 
     x^T ~ pi,     x^{t-1} ~ p(x^{t-1} | x^t)  for t = T..2,     x^0 ~ p(x^0 | x^1)
 
@@ -9,7 +9,7 @@ network's prediction of x^0 otherwise.  The network is parameterised either
 - ``direct``: it outputs the logits of p(x^{t-1} | x^t) (the paper, the reference repo), as
   a correction added to log q(x^t | x^{t-1} = k), or
 - ``x0``: it outputs the logits of P(x^0 | x^t) and p(x^{t-1} | x^t) is the posterior
-  q(x^{t-1} | x^t, x^0) averaged over that prediction (DESIGN.md section 3, as in D3PM).
+  q(x^{t-1} | x^t, x^0) averaged over that prediction (docs/math.md §3, as in D3PM).
 
 The network reads x^t in one of three codes (``inputs``):
 

@@ -54,6 +54,13 @@ def _benchmark_machine():
     return module
 
 
+def repository_relative(path) -> str:
+    """The path relative to the repository when it lies inside it (results.json is committed:
+    an absolute path would name one machine's folders), else the path as given."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 def _per_image(bits):
     bits = np.asarray(bits, dtype=np.float64)
     return float(bits.mean()), float(bits.std(ddof=1) / math.sqrt(len(bits)))
@@ -99,7 +106,8 @@ def diffusion(config, config_path, run_dir, splits, replicates, existing_run=Non
     eval_seconds = time.perf_counter() - started
     samples = model.sample(1000, seed=0)
     return model, {
-        "run_dir": str(run_dir), "config": str(config_path), "T": model.T, "steps": metrics["steps"],
+        "run_dir": repository_relative(run_dir), "config": repository_relative(config_path),
+        "T": model.T, "steps": metrics["steps"],
         "train_seconds": metrics["wall_time_s"], "num_parameters": metrics["num_parameters"],
         "test_bits": -report["elbo_bits"], "test_se_mc": report["se_bits"],
         "test_se_images": _per_image(per_image_bits)[1], "replicates": replicates,

@@ -16,7 +16,6 @@ from bdiff_pyro.baselines.mixture import (
 )
 from bdiff_pyro.data.datasets import Dataset
 from bdiff_pyro.data.digits import (
-    BINARY_THRESHOLD,
     binarise,
     digits_dataset,
     digits_splits,
@@ -65,8 +64,9 @@ def test_splits_are_binary_float32_tensors_of_64_pixels(splits):
 
 
 def test_binarisation_rule_is_grey_level_at_least_eight():
-    assert BINARY_THRESHOLD == 8
     np.testing.assert_array_equal(binarise(np.arange(17)), [0] * 8 + [1] * 9)
+    np.testing.assert_array_equal(binarise(np.arange(17), threshold=3), [0] * 3 + [1] * 14)
+    np.testing.assert_array_equal(binarise(np.array([[7, 8], [16, 0]])), [[0, 1], [1, 0]])  # shape kept
 
 
 def test_quantisation_has_four_equal_width_levels():

@@ -16,7 +16,7 @@ SCHEDULES = [("paper", 2.0), ("cosine", 2.0), ("power", 3.0), ("power", 0.7)]
 
 
 def step_matrix(beta, pi_1):
-    """DESIGN.md 1 read literally: q(x^t = 1 | x^{t-1}) = x^{t-1} (1 - beta) + beta pi_1."""
+    """docs/math.md §1 read literally: q(x^t = 1 | x^{t-1}) = x^{t-1} (1 - beta) + beta pi_1."""
     p_one = lambda x: x * (1 - beta) + beta * pi_1  # noqa: E731
     return torch.tensor([[1 - p_one(0), p_one(0)], [1 - p_one(1), p_one(1)]], dtype=torch.float64)
 
@@ -80,7 +80,7 @@ def test_entropy_matches_brute_force_over_all_states(n, pi_1):
     generator = torch.Generator().manual_seed(n)
     x0 = (torch.rand(1, n, generator=generator, dtype=torch.float64) < 0.5).double()
     for t in range(1, T + 1):
-        p_one = x0 * (1 - kernel.beta_tilde[t]) + kernel.beta_tilde[t] * pi_1  # DESIGN.md 1
+        p_one = x0 * (1 - kernel.beta_tilde[t]) + kernel.beta_tilde[t] * pi_1  # docs/math.md §1
         probs = torch.where(states == 1, p_one, 1 - p_one).prod(-1)  # q(x^t = s | x^0) over 2^n states
         brute = float(-(probs * probs.log()).sum())
         closed = float(entropy(kernel.q_marginal_log_probs(x0, t)).sum())
@@ -135,25 +135,6 @@ def test_bad_kernel_parameters_are_user_errors(bad):
     from bdiff_pyro.errors import UserError
     with pytest.raises(UserError):
         BernoulliKernel(make_beta_tilde("paper", bad.get("T", 5)), bad.get("pi_1", 0.5))
-
-
-from conftest import KERNEL_CASES  # noqa: E402
-
-
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[0]}{c[1]}")
-@pytest.mark.parametrize("schedule", ["paper", "cosine"])
-def test_every_kernel_is_a_consistent_markov_chain(case, schedule):
-    from bdiff_pyro.diffusion.kernels import DiscreteKernel, make_kernel
-    name, num_states, pi_1 = case
-    kernel = make_kernel(name, make_beta_tilde(schedule, 11), num_states, pi_1 or 0.5)
-    Q, Qbar, pi = kernel.log_Q.exp(), kernel.log_Qbar.exp(), kernel.pi
-    assert torch.allclose(Q.sum(-1), torch.ones_like(Q.sum(-1)), atol=1e-13)
-    assert torch.allclose(Qbar, DiscreteKernel.cumulative_matrices(kernel, Q), atol=1e-12)  # closed form = product
-    for t in range(1, 12):
-        assert torch.allclose(pi @ Q[t], pi, atol=1e-13)  # pi is stationary
-        for s in (0, t // 2, t - 1):
-            assert torch.allclose(kernel.log_span(s, t).exp(), DiscreteKernel.log_span(kernel, s, t).exp(), atol=1e-12)
-    assert not torch.isnan(kernel.log_posterior).any()
 
 
 def test_gaussian_kernel_is_symmetric_and_prefers_near_states():

@@ -29,17 +29,6 @@ from bdiff_pyro.diffusion.oracle import (
 from bdiff_pyro.diffusion.schedules import make_beta_tilde
 from bdiff_pyro.evaluation import oracle_for_config, oracle_samples_report
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small-tensor reductions (logsumexp, log_softmax) take ~15 ms a call when two OpenMP
-    threads share a busy 2-core machine; one thread is 1000x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SUPPORTS = {
     # (patterns, weights): two or three patterns on n = 3 bits
     "three-unequal": ([[1, 0, 1], [0, 1, 1], [1, 1, 0]], [0.5, 0.3, 0.2]),
@@ -157,7 +146,7 @@ def test_oracle_is_the_best_factorised_reverse(schedule, T, pi_1, learned_edge, 
 
 
 def slow_oracle_step(kernel, patterns, weights, x_t, t):
-    """DESIGN.md 3 read literally, from the step matrices alone:
+    """docs/math.md §3 read literally, from the step matrices alone:
     f*_i(x^t) = sum_j P(d_j | x^t) q(x^{t-1}_i = . | x^t_i, d_{j,i}),  P(d_j | x^t) ∝ w_j q(x^t | d_j)."""
     Q = kernel.log_Q.exp()
     Qbar = [torch.eye(2, dtype=torch.float64)]
@@ -266,6 +255,7 @@ def test_monte_carlo_oracle_bound_agrees_with_the_exact_one():
     assert report["K_bits"] == pytest.approx(exact, abs=1e-9)  # pi_1 = 1/2: no pi correction
 
 
+@pytest.mark.slow
 def test_oracle_samples_reproduce_the_pattern_frequencies():
     """At T = 200 the oracle's gap on this support is 0.02 bits, so its samples should be the
     patterns in proportion to their weights (a weights-blind sampler would fail: the weights

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_kernel_process
+from helpers import make_kernel_process
 
 from bdiff_pyro.cli import main
 from bdiff_pyro.diffusion.bound import all_states, elbo_exact
@@ -35,7 +35,7 @@ def test_gaussian_kernel_bound_is_the_same_in_float32_and_float64():
 def test_span_after_the_schedule_reaches_one_early(kernel_class, states):
     """beta~_2 = 1 < beta~_T: the closed-form s -> t transition equals the product of the steps
     (every step after s = 2 redraws from pi) instead of 0/0, and strided sampling across it works."""
-    from conftest import _random_process
+    from helpers import random_process
 
     from bdiff_pyro.diffusion.kernels import BernoulliKernel, DiscreteKernel, UniformKernel
 
@@ -49,7 +49,7 @@ def test_span_after_the_schedule_reaches_one_early(kernel_class, states):
     assert torch.equal(kernel.log_span(2, 4).exp(), redraw)
 
     torch.manual_seed(0)
-    process = _random_process(kernel, 3, "x0", (8,), "state")
+    process = random_process(kernel, 3, "x0", (8,), "state")
     assert process.stride_grid(2) == [(4, 2), (2, 0)]
     samples = process.sample(200, seed=0, steps=2)
     assert samples.shape == (200, 3) and set(samples.unique().tolist()) <= set(range(states))
@@ -135,6 +135,7 @@ def test_papers_K_is_null_where_pi_has_zeros():
         assert strict_json(json.dumps(report))["K_bits"] is None
 
 
+@pytest.mark.slow
 def test_metrics_and_diagnostics_of_an_absorbing_run(tmp_path):
     """metrics.json is valid JSON with K_bits null; the diagnostics file says why it has no
     pi correction."""
@@ -166,6 +167,7 @@ def test_metrics_and_diagnostics_of_an_absorbing_run(tmp_path):
         assert "pi_correction_bits" not in tree.attrs and "pi has zeros" in tree.attrs["paper_K_undefined"]
 
 
+@pytest.mark.slow
 def test_oracle_command_for_a_kernel_without_pi_1():
     """The absorbing kernel has K = 3 states (no pi_1): the report prints without it, its
     samples are drawn, and --json is valid JSON with the paper's K null."""

@@ -20,16 +20,6 @@ from bdiff_pyro.programs.reverse import ReverseProcess
 from bdiff_pyro.programs.sites import state_dist
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: with two OpenMP threads on a busy 2-core machine every op
-    waits for the other thread (10x slower).  Restored afterwards for the other tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_process(n, T, schedule="cosine", pi_1=0.5, parameterisation="x0", seed=0, sharpness=3.0):
     """A random float64 reverse process.  The output layer is scaled up so that the reverse
     probabilities vary strongly with x^t (a near-constant network would hide coupling)."""
@@ -77,7 +67,7 @@ def test_analytic_elbo_equals_traceenum_elbo(case):
     r = results(**case)
     relative = ((r["analytic"] - r["traceenum"]).abs() / r["analytic"].abs()).max()
     assert relative < 1e-8, f"max relative difference {float(relative):.3g}"
-    if case["pi_1"] == 0.5:  # K is the ELBO exactly (DESIGN.md 2)
+    if case["pi_1"] == 0.5:  # K is the ELBO exactly (docs/math.md §2.3)
         assert r["pi_correction"].abs().max() < 1e-12
 
 
@@ -327,6 +317,7 @@ def test_enumerating_the_guide_in_forward_order_is_wrong_even_for_one_bit(T):
 # The comparison experiment (bdiff compare)
 
 
+@pytest.mark.slow
 def test_compare_config_is_valid_and_a_tiny_run_writes_everything_once(tmp_path):
     from pathlib import Path
 

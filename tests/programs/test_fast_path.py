@@ -3,7 +3,7 @@ formulas, and the evidence inputs against Bayes' rule."""
 
 import pytest
 import torch
-from conftest import KERNEL_CASES, make_kernel_process, make_process
+from helpers import KERNEL_CASES, make_kernel_process, make_process
 
 from bdiff_pyro.diffusion.bound import all_states
 from bdiff_pyro.diffusion.kernels import normalise

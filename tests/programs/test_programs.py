@@ -1,5 +1,6 @@
 """The forward and reverse Pyro programs: marginals, sampling paths, and SVI training."""
 
+import itertools
 import math
 from functools import partial
 
@@ -7,7 +8,7 @@ import pyro
 import pyro.optim
 import pytest
 import torch
-from conftest import make_process
+from helpers import make_process
 from pyro import poutine
 from pyro.infer import SVI
 
@@ -52,13 +53,27 @@ def test_sampler_without_seed_advances_the_global_generator():
     assert not torch.equal(process.sample(32), process.sample(32))
 
 
-def test_reverse_probs_api():
-    process = make_process(n=4, T=5)
+@pytest.mark.parametrize("inputs,add_own_evidence", [("state", True), ("evidence", True), ("evidence", False)])
+def test_reverse_probs_is_the_posterior_averaged_over_the_networks_x0(inputs, add_own_evidence):
+    """P(x^{t-1}_i = 1 | x^t) = sum_v P(x^0_i = v | x^t) q(x^{t-1}_i = 1 | x^t_i, x^0_i = v)
+    (docs/math.md §3), summed term by term in float64 from the network's x^0 prediction and the
+    posterior Q_t[1, x^t] Qbar_{t-1}[v, 1] / sum_k Q_t[k, x^t] Qbar_{t-1}[v, k]."""
+    process = make_process(n=4, T=5, pi_1=0.2, inputs=inputs, add_own_evidence=add_own_evidence)
     x_t = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]]).double()
-    probs = process.reverse_probs(x_t, 3)
-    assert probs.shape == (2, 4)
-    assert torch.allclose(probs, process.log_probs(x_t, 3)[..., 1].exp())
-    assert torch.all((probs > 0) & (probs < 1))
+    Q, Qbar = process.kernel.log_Q.exp(), process.kernel.log_Qbar.exp()
+    for t in (2, 3, 5):
+        probs = process.reverse_probs(x_t, t)
+        with torch.no_grad():
+            x0_probs = process.x0_log_probs(x_t, t).exp()
+        assert probs.shape == (2, 4)
+        for b, i in itertools.product(range(2), range(4)):
+            xt = int(x_t[b, i])
+            expected = 0.0
+            for v in (0, 1):
+                joint = [float(Q[t][k, xt] * Qbar[t - 1][v, k]) for k in (0, 1)]
+                expected += float(x0_probs[b, i, v]) * joint[1] / sum(joint)
+            assert abs(float(probs[b, i]) - expected) < 1e-12, (t, b, i)
+        assert torch.all((probs > 0) & (probs < 1))
 
 
 def test_network_size_does_not_grow_with_T():
@@ -110,7 +125,7 @@ def test_strided_sampler_uses_the_requested_number_of_network_calls():
 @pytest.mark.parametrize("parameterisation", ["x0", "direct"])
 def test_per_sequence_times_match_one_time_at_a_time(parameterisation):
     """log_probs with one t per sequence (training) equals calls with each int t, edge included."""
-    from conftest import KERNEL_CASES, make_kernel_process
+    from helpers import KERNEL_CASES, make_kernel_process
     for case in KERNEL_CASES:
         process = make_kernel_process(case, n=3, T=5, parameterisation=parameterisation)
         x = torch.randint(process.kernel.num_data_states, (5, 3)).double()

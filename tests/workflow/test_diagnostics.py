@@ -18,6 +18,8 @@ from bdiff_pyro.diffusion.bound import LN2, elbo_replicates, mean_and_standard_e
 from bdiff_pyro.errors import UserError
 from bdiff_pyro.train import train
 
+pytestmark = pytest.mark.slow  # ArviZ diagnostics of a trained run
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.T=6", "model.hidden=[16]", "train.steps=40", "train.eval_every=40", "train.checkpoint_every=40",
         "evaluate.num_samples=100", "evaluate.replicates=2", "train.eval_samples=100", "train.lr=0.01",

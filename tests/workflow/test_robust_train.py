@@ -2,7 +2,6 @@
 evaluation, checkpoints that could run code.  Every CLI failure is one line on stderr with no
 traceback and leaves no stray run directory."""
 
-import contextlib
 import errno
 import io
 import json
@@ -15,16 +14,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_process
+from helpers import assert_one_line, bdiff, make_process
 
 from bdiff_pyro import checkpoints as checkpoints_module
 from bdiff_pyro import diagnostics as diagnostics_module
 from bdiff_pyro import memory as memory_module
 from bdiff_pyro import train as train_module
-from bdiff_pyro.cli import main
 from bdiff_pyro.config import load_config
 from bdiff_pyro.diffusion.bound import LN2, elbo_exact
 from bdiff_pyro.evaluation import bound_report
+
+pytestmark = pytest.mark.slow  # end-to-end training runs through the command line
 
 ROOT = Path(__file__).resolve().parents[2]
 HEARTBEAT = ROOT / "experiments/configs/heartbeat.yaml"
@@ -34,28 +34,6 @@ TINY = ["model.T=6", "model.hidden=[16]", "train.steps=20", "train.eval_every=10
 
 def sets(*overrides):
     return [arg for item in overrides for arg in ("--set", item)]
-
-
-def bdiff(*args):
-    """``bdiff ARGS`` in this process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exit:  # argparse
-            code = exit.code
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_line(result, status, fragment):
-    """Exit ``status`` and one line saying what went wrong (one-line warnings, e.g. about
-    config keys the data's kind ignores, may come before it), no traceback."""
-    code, _, stderr = result
-    lines = [line for line in stderr.strip().splitlines() if not line.startswith("bdiff: warning:")]
-    assert code == status, stderr
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture
@@ -92,7 +70,7 @@ def test_a_blown_up_update_is_never_checkpointed(in_tmp):
         result = bdiff("train", config, "--quiet", "--out", out, *sets(
             "model.activation=relu", "train.lr=3e38", "train.lr_final=3e38", "train.checkpoint_every=1",
             f"train.eval_every={eval_every}"))
-        line = one_line(result, 1, "training diverged at step")
+        line = assert_one_line(result, "training diverged at step", status=1)
         assert "no checkpoint was written" in line and not out.exists(), line
 
 
@@ -128,8 +106,8 @@ def test_sample_and_evaluate_refuse_a_non_finite_model(tiny_run, tmp_path, value
     payload["model_state"] = {k: value * (2 * torch.randint(0, 2, v.shape, generator=signs) - 1).to(v)
                               if k.startswith("net.") else v for k, v in payload["model_state"].items()}
     torch.save(payload, tmp_path / "checkpoint.pt")
-    one_line(bdiff("sample", tmp_path, "-n", 3), 2, "diverged")
-    one_line(bdiff("evaluate", tmp_path, ROOT / "experiments/data/heartbeat_text/val.txt"), 2, "diverged")
+    assert_one_line(bdiff("sample", tmp_path, "-n", 3), "diverged")
+    assert_one_line(bdiff("evaluate", tmp_path, ROOT / "experiments/data/heartbeat_text/val.txt"), "diverged")
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,15 +116,15 @@ def test_sample_and_evaluate_refuse_a_non_finite_model(tiny_run, tmp_path, value
 
 def test_resume_refuses_a_changed_optimiser_setting_and_records_nothing(tiny_run):
     before = (tiny_run / "config.yaml").read_text()
-    one_line(bdiff("train", HEARTBEAT, "--resume", tiny_run, *sets(*TINY, "train.steps=30", "train.lr=0.5")),
-             2, "train.lr")
-    one_line(bdiff("train", "--resume", tiny_run, *sets("train.steps=30", "train.clip_norm=1")),
-             2, "train.clip_norm")
+    assert_one_line(bdiff("train", HEARTBEAT, "--resume", tiny_run, *sets(*TINY, "train.steps=30", "train.lr=0.5")),
+                    "train.lr")
+    assert_one_line(bdiff("train", "--resume", tiny_run, *sets("train.steps=30", "train.clip_norm=1")),
+                    "train.clip_norm")
     assert (tiny_run / "config.yaml").read_text() == before
 
 
 def test_resume_refuses_out(tiny_run, tmp_path):
-    one_line(bdiff("train", "--resume", tiny_run, "--out", tmp_path / "elsewhere"), 2, "--out")
+    assert_one_line(bdiff("train", "--resume", tiny_run, "--out", tmp_path / "elsewhere"), "--out")
     assert not (tmp_path / "elsewhere").exists()
 
 
@@ -187,8 +165,8 @@ def test_interrupt_prints_the_exact_resume_command_which_needs_no_config(tmp_pat
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
         patch.setattr(train_module, "_InterruptFlag", _StopAfter)
-        line = one_line(bdiff("train", HEARTBEAT, "--out", out, "--quiet", *sets(*TINY, "train.steps=30")),
-                        130, "interrupted at step 15")
+        line = assert_one_line(bdiff("train", HEARTBEAT, "--out", out, "--quiet", *sets(*TINY, "train.steps=30")),
+                               "interrupted at step 15", status=130)
     command = line.split("continue with: ")[1]
     assert command == f"bdiff train --resume {out}"
     code, stdout, stderr = bdiff(*command.split()[1:], "--quiet")  # the --set overrides are in config.yaml
@@ -218,7 +196,7 @@ def test_two_runs_with_the_same_out_never_share_it(tmp_path, monkeypatch):
     outer = bdiff("train", HEARTBEAT, "--out", out, "--quiet", "--seed", 1, *sets(*TINY))
     codes = sorted([outer[0], inner["result"][0]])
     assert codes == [0, 2], (outer, inner["result"])
-    one_line(outer if outer[0] == 2 else inner["result"], 2, str(out))
+    assert_one_line(outer if outer[0] == 2 else inner["result"], str(out))
     saved = yaml.safe_load((out / "config.yaml").read_text())
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert saved["seed"] == checkpoint["config"]["seed"]
@@ -249,12 +227,12 @@ def test_a_failed_start_leaves_no_run_directory(in_tmp, case, out):
     config.write_text(HEARTBEAT.read_text())
     overrides, fragment = FAILED_STARTS[case]
     where = ["--out", in_tmp / "run"] if out else []
-    one_line(bdiff("train", config, "--quiet", *where, *sets(*TINY, *overrides)), 2, fragment)
+    assert_one_line(bdiff("train", config, "--quiet", *where, *sets(*TINY, *overrides)), fragment)
     assert not (in_tmp / "run").exists() and no_run_dirs(in_tmp)
 
 
 def test_bad_seed_flag_is_one_line(in_tmp):
-    one_line(bdiff("train", HEARTBEAT, "--quiet", "--seed", 2**32, *sets(*TINY)), 2, "--seed")
+    assert_one_line(bdiff("train", HEARTBEAT, "--quiet", "--seed", 2**32, *sets(*TINY)), "--seed")
     assert no_run_dirs(in_tmp)
 
 
@@ -282,13 +260,13 @@ def test_out_of_memory_at_the_first_step_leaves_no_run_directory(in_tmp, monkeyp
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(train_module.SVI, "step", no_memory)
-    one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", in_tmp / "run", *sets(*TINY)), 2, "out of memory")
+    assert_one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", in_tmp / "run", *sets(*TINY)), "out of memory")
     assert not (in_tmp / "run").exists()
 
 
 def test_disk_full_at_the_first_checkpoint(in_tmp, monkeypatch):
     monkeypatch.setattr(checkpoints_module.os, "fdopen", _full_disk)
-    one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", in_tmp / "run", *sets(*TINY)), 2,
+    assert_one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", in_tmp / "run", *sets(*TINY)),
              "No space left on device")
     assert not (in_tmp / "run").exists()
 
@@ -302,7 +280,7 @@ def test_disk_full_later_keeps_the_previous_checkpoint(in_tmp, monkeypatch):
 
     monkeypatch.setattr(checkpoints_module.os, "fdopen", fills_up)
     out = in_tmp / "run"
-    one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", out, *sets(*TINY)), 2, "No space left on device")
+    assert_one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", out, *sets(*TINY)), "No space left on device")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"] == 10
     assert not list(out.glob(".*.tmp"))
 
@@ -310,7 +288,7 @@ def test_disk_full_later_keeps_the_previous_checkpoint(in_tmp, monkeypatch):
 def test_out_naming_a_file(in_tmp):
     target = in_tmp / "notes.txt"
     target.write_text("mine\n")
-    one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", target, *sets(*TINY)), 2, "not a directory")
+    assert_one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", target, *sets(*TINY)), "not a directory")
     assert target.read_text() == "mine\n"
 
 
@@ -332,12 +310,12 @@ def _read_only(monkeypatch, inside):
 def test_read_only_output_location(in_tmp, monkeypatch, out):
     _read_only(monkeypatch, in_tmp)
     where = ["--out", in_tmp / "run"] if out else []
-    one_line(bdiff("train", HEARTBEAT, "--quiet", *where, *sets(*TINY)), 2, "Permission denied")
+    assert_one_line(bdiff("train", HEARTBEAT, "--quiet", *where, *sets(*TINY)), "Permission denied")
 
 
 def test_read_only_resume_directory(tiny_run, monkeypatch):
     _read_only(monkeypatch, tiny_run)
-    one_line(bdiff("train", HEARTBEAT, "--resume", tiny_run, "--quiet", *sets(*TINY, "train.steps=30")), 2,
+    assert_one_line(bdiff("train", HEARTBEAT, "--resume", tiny_run, "--quiet", *sets(*TINY, "train.steps=30")),
              "Permission denied")
 
 
@@ -356,8 +334,8 @@ def test_a_failed_final_evaluation_keeps_the_training(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "bound_report", fails_at_the_end)
     out = tmp_path / "run"
-    line = one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", out, *sets(*TINY, "evaluate.replicates=3")), 1,
-                    "the final evaluation failed")
+    line = assert_one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", out, *sets(*TINY, "evaluate.replicates=3")),
+                    "the final evaluation failed", status=1)
     assert f"bdiff diagnose {out}" in line
     assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"] == 20
     assert len((out / "history.csv").read_text().splitlines()) == 3  # header and steps 10, 20
@@ -370,11 +348,11 @@ def test_ctrl_c_during_diagnostics(tiny_run, tmp_path, monkeypatch, where):
 
     monkeypatch.setattr(diagnostics_module, "diagnose", interrupted)
     if where == "diagnose":
-        one_line(bdiff("diagnose", tiny_run, "--quiet"), 130, "interrupted")
+        assert_one_line(bdiff("diagnose", tiny_run, "--quiet"), "interrupted", status=130)
         return
     out = tmp_path / "run"
-    line = one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", out, *sets(*TINY, "evaluate.diagnose=true")),
-                    130, "interrupted during the final evaluation")
+    line = assert_one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", out, *sets(*TINY, "evaluate.diagnose=true")),
+                           "interrupted during the final evaluation", status=130)
     assert f"bdiff diagnose {out}" in line and (out / "checkpoint.pt").is_file() and (out / "metrics.json").is_file()
 
 
@@ -439,8 +417,8 @@ def test_data_too_wide_for_memory_is_refused_before_anything_is_allocated(in_tmp
     monkeypatch.setattr(memory_module, "available_memory_bytes", lambda: 8 * 2**30)
     wide = in_tmp / "wide.npy"
     np.save(wide, np.zeros((2, 10**6), dtype=np.int8))
-    line = one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", in_tmp / "run", *sets(
-        *TINY, "model.hidden=[256]", "data.kind=npy", f"data.train={wide}", f"data.val={wide}")), 2,
+    line = assert_one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", in_tmp / "run", *sets(
+        *TINY, "model.hidden=[256]", "data.kind=npy", f"data.train={wide}", f"data.val={wide}")),
         "n = 1000000")
     assert "more than the 8 GB available" in line and not (in_tmp / "run").exists()
 
@@ -484,7 +462,7 @@ def test_a_checkpoint_carrying_a_callable_is_refused_unrun(tiny_run, tmp_path):
     marker = tmp_path / "ran"
     payload["extra"] = _Planted(marker)
     torch.save(payload, tmp_path / "checkpoint.pt")
-    one_line(bdiff("sample", tmp_path, "-n", 2), 2, "could run code")
+    assert_one_line(bdiff("sample", tmp_path, "-n", 2), "could run code")
     assert not marker.exists()
 
 
@@ -500,7 +478,7 @@ def test_new_checkpoints_carry_format_2_and_format_1_still_loads(tiny_run, tmp_p
 def test_missing_weights_and_unknown_format_are_one_line(tiny_run, tmp_path):
     payload = torch.load(tiny_run / "checkpoint.pt", weights_only=True)
     torch.save({k: v for k, v in payload.items() if k != "model_state"}, tmp_path / "checkpoint.pt")
-    one_line(bdiff("sample", tmp_path, "-n", 2), 2, "lacks model_state")
-    one_line(bdiff("evaluate", tmp_path, ROOT / "experiments/data/heartbeat_text/val.txt"), 2, "lacks model_state")
+    assert_one_line(bdiff("sample", tmp_path, "-n", 2), "lacks model_state")
+    assert_one_line(bdiff("evaluate", tmp_path, ROOT / "experiments/data/heartbeat_text/val.txt"), "lacks model_state")
     torch.save({**payload, "format": 7}, tmp_path / "checkpoint.pt")
-    one_line(bdiff("sample", tmp_path, "-n", 2), 2, "format: 7")
+    assert_one_line(bdiff("sample", tmp_path, "-n", 2), "format: 7")
