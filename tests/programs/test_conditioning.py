@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import KERNEL_CASES, make_kernel_process, make_process
+from helpers import KERNEL_CASES, make_kernel_process, make_process
 
 from bdiff_pyro.diffusion.kernels import BernoulliKernel
 from bdiff_pyro.diffusion.oracle import OracleReverse
