@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from bdiff_pyro.diffusion.bound import (
     LN2,
-    closed_form_terms,
+    closed_form_loss,
     elbo_replicates,
     entropy,
     first_stochastic_step,
@@ -326,7 +326,7 @@ def oracle_elbo_exact(kernel, patterns, weights=None, max_configurations=200_000
         expected_counts = sizes[None, :, None, None] * kernel.log_Qbar[t][:, columns].exp()  # (S, G, M, K)
         negative_entropy = -entropy(log_posterior)[:, :, columns]  # (S, K, G, M)
         expected_loss += cross_entropy + torch.einsum("sgmk,skgm->m", expected_counts, negative_entropy)
-    return closed_form_terms(kernel, codes.to(dtype)) - expected_loss
+    return -(closed_form_loss(kernel, codes.to(dtype)) + expected_loss)
 
 
 def oracle_report(kernel, patterns, weights=None, replicates=16, seed=0, exact="auto", schedule=None, power=None,
