@@ -17,8 +17,6 @@ compare_scaling.png into the output directory, refusing to overwrite any of them
 """
 
 import copy
-import csv
-import datetime
 import math
 import time
 from pathlib import Path
@@ -35,8 +33,8 @@ from bdiff_pyro.errors import UserError
 from bdiff_pyro.networks.mlp import MLP
 from bdiff_pyro.programs import enumeration
 from bdiff_pyro.programs.reverse import PARAMETERISATIONS, ReverseProcess
-
-LN2 = math.log(2.0)
+from bdiff_pyro.util.files import fresh_directory, write_csv
+from bdiff_pyro.util.stats import LN2
 
 DEFAULTS = {
     "seed": 0,
@@ -266,26 +264,6 @@ def scaling_rows(config, progress):
 # Output
 
 
-def _output_dir(out_dir):
-    if out_dir is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out_dir = Path("runs") / f"compare-{stamp}"
-    out_dir = Path(out_dir)
-    clashes = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
-    if clashes:
-        raise UserError(f"{out_dir} already holds {', '.join(clashes)}; refusing to overwrite, "
-                        "choose another output directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
-
-
-def _write_csv(path, rows):
-    with open(path, "x", newline="") as handle:  # "x": never overwrite
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _fmt(value, digits=3):
     if value is None:
         return "-"
@@ -422,13 +400,13 @@ def plot_scaling(scaling, config, path):
 
 def compare_main(config_path, out_dir=None):
     """Run the comparison experiment of ``config_path`` (YAML) and write its results into
-    ``out_dir`` (default runs/compare-<timestamp>; existing result files are never
-    overwritten: UserError).  Returns {"csv", "scaling_csv", "table", "bounds_plot",
+    ``out_dir`` (default runs/compare-<timestamp>; a directory that holds anything is refused,
+    so earlier results are never overwritten: UserError).  Returns {"csv", "scaling_csv", "table", "bounds_plot",
     "scaling_plot", "out_dir"}: the paths written."""
     from tqdm.auto import tqdm
 
     config = load_config(config_path)
-    out = _output_dir(out_dir)
+    out = fresh_directory("compare", out_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(int(config["threads"]))
     try:
@@ -460,8 +438,8 @@ def compare_main(config_path, out_dir=None):
     paths = {"out_dir": out, "csv": out / "compare.csv", "scaling_csv": out / "compare_scaling.csv",
              "table": out / "compare.md", "bounds_plot": out / "compare_bounds.png",
              "scaling_plot": out / "compare_scaling.png"}
-    _write_csv(paths["csv"], rows)
-    _write_csv(paths["scaling_csv"], scaling)
+    write_csv(paths["csv"], rows, exclusive=True)
+    write_csv(paths["scaling_csv"], scaling, exclusive=True)
     with open(paths["table"], "x") as handle:
         handle.write(markdown_tables(rows, scaling, config))
     plot_bounds(rows, config, paths["bounds_plot"])

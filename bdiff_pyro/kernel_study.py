@@ -24,9 +24,10 @@ import yaml
 from bdiff_pyro.checkpoints import load_with_config
 from bdiff_pyro.config import DataConfig, apply_overrides, load_config
 from bdiff_pyro.data.datasets import heartbeat
-from bdiff_pyro.diffusion.bound import LN2, elbo_replicates, prior_kl
+from bdiff_pyro.diffusion.bound import elbo_replicates, prior_kl
 from bdiff_pyro.errors import UserError
 from bdiff_pyro.train import train
+from bdiff_pyro.util.stats import LN2
 
 #: Kernels in table order; the 4-level data leaves out bernoulli (a K = 2 kernel).
 KERNEL_ORDER = ("bernoulli", "uniform", "absorbing", "gaussian")

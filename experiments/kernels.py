@@ -40,7 +40,7 @@ from bdiff_pyro.kernel_study import (  # noqa: E402
     score_set,
     winners,
 )
-from bdiff_pyro.train import new_run_dir  # noqa: E402
+from bdiff_pyro.util.files import fresh_directory  # noqa: E402
 from benchmarks.machine import command_line, machine_description  # noqa: E402
 
 CONFIGS = ROOT / "experiments" / "configs"
@@ -71,7 +71,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     cells = plan(args.datasets, args.kernels, args.configs, args.set, args.include_duplicates)
-    out = new_run_dir("kernels", args.out)
+    out = fresh_directory("kernels", args.out)
     machine = machine_description()
     command = command_line()
     print(f"machine: {machine}")

@@ -17,11 +17,10 @@ and joins the stochastic terms as t = 1 (D3PM's reconstruction term).
 """
 
 import itertools
-import math
 
 import torch
 
-LN2 = math.log(2.0)
+from bdiff_pyro.util.stats import LN2
 
 
 def kl_categorical(log_q, log_p):
@@ -211,18 +210,3 @@ def elbo_replicates(kernel, reverse_log_probs, x0, replicates=4, max_rows=65536)
             stochastic.index_add_(0, replicate * num + sequence, losses.to(stochastic.dtype))
         return (-(closed_form_loss(kernel, x0) + stochastic.view(replicates, num))).T
 
-
-def mean_and_standard_error(replicates, weights=None):
-    """Mean over sequences of the per-sequence replicate means, and its Monte Carlo standard
-    error, from (N, R) replicate estimates (R >= 2).  With ``weights`` w_j (N,) summing to 1
-    (e.g. the counts of distinct sequences in a data set), the mean is sum_j w_j m_j and the
-    error sqrt(sum_j w_j^2 s_j^2 / R); without, w_j = 1/N."""
-    num, reps = replicates.shape
-    if reps < 2:
-        raise ValueError("a standard error needs at least two replicates")
-    if weights is None:
-        weights = torch.full((num,), 1.0 / num, dtype=replicates.dtype, device=replicates.device)
-    weights = weights.to(replicates)
-    mean = (weights * replicates.mean(1)).sum()
-    se = (weights.square() * replicates.var(1, unbiased=True)).sum().div(reps).sqrt()
-    return float(mean), float(se)

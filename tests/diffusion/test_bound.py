@@ -17,11 +17,11 @@ from bdiff_pyro.diffusion.bound import (
     elbo_replicates,
     entropy,
     log_prob_of,
-    mean_and_standard_error,
     negative_elbo_estimate,
     pi_correction,
     prior_kl,
 )
+from bdiff_pyro.util.stats import mean_and_standard_error
 
 
 def brute_force_elbo(process, x0):

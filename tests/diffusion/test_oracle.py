@@ -328,14 +328,15 @@ def test_oracle_main_on_configs(tmp_path):
 
 
 def test_schedule_study_outputs(tmp_path):
-    from bdiff_pyro.study import DEFAULT_SPECS, T_for_gap, markdown_tables, plot_gaps, run_study, write_csv
+    from bdiff_pyro.study import CSV_FIELDS, DEFAULT_SPECS, T_for_gap, markdown_tables, plot_gaps, run_study
+    from bdiff_pyro.util.files import write_csv
 
     patterns = heartbeat_patterns(6, 3)
     rows = run_study(patterns, specs=DEFAULT_SPECS[:3], Ts=(10, 20), replicates=2)
     assert len(rows) == 6
     for row in rows:
         assert row["gap_bits"] > 0 and row["elbo_bits"] == pytest.approx(-math.log2(3) - row["gap_bits"])
-    write_csv(rows, tmp_path / "study.csv")
+    write_csv(tmp_path / "study.csv", rows, CSV_FIELDS)
     assert (tmp_path / "study.csv").read_text().count("\n") == 7
     search = T_for_gap(DEFAULT_SPECS[2], patterns, None, 0.05, known=rows, tolerance=0.05)
     T_lo, T_hi = search["T_bracket"]

@@ -417,8 +417,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 
 def test_the_final_evaluation_shows_progress(capsys):
     process = make_process(n=3, T=3)
-    bound_report(process, torch.zeros(4, 3, dtype=torch.float64), replicates=2, progress="K on held-out data")
-    assert "K on held-out data" in capsys.readouterr().err
+    bound_report(process, torch.zeros(4, 3, dtype=torch.float64), replicates=2, progress="ELBO on held-out data")
+    assert "ELBO on held-out data" in capsys.readouterr().err
 
 
 def test_the_two_k_values_at_the_end_are_labelled(tmp_path):
@@ -428,7 +428,7 @@ def test_the_two_k_values_at_the_end_are_labelled(tmp_path):
     assert "on the held-out data (5 sequences, 2 replicates stratified over t)" in stdout
     assert "on the training data (5 sequences, 2 replicates stratified over t)" in stdout
     assert "each draw one replicate stratified over t on 5 of the 5 held-out sequences" in stdout
-    assert "the diagnostics' K above estimates the same held-out K" in stdout
+    assert "the diagnostics' ELBO above estimates the same held-out ELBO" in stdout
 
 
 # ---------------------------------------------------------------------------------------
