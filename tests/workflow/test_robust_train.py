@@ -25,6 +25,7 @@ from bdiff_pyro.cli import main
 from bdiff_pyro.config import load_config
 from bdiff_pyro.diffusion.bound import LN2, elbo_exact
 from bdiff_pyro.evaluation import bound_report
+from bdiff_pyro.util.files import write_atomically
 
 ROOT = Path(__file__).resolve().parents[2]
 HEARTBEAT = ROOT / "experiments/configs/heartbeat.yaml"
@@ -262,19 +263,17 @@ def _raise_enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-class _FullDisk(io.RawIOBase):
-    def writable(self):
-        return True
+def _on_a_full_disk(real_write_atomically):
+    """The atomic write on a disk with no space left: part of the file reaches the temporary
+    file, then the write fails."""
+    def write_atomically(path, write):
+        def fill_then_fail(temporary):
+            temporary.write_bytes(b"partial")
+            _raise_enospc()
 
-    def write(self, data):
-        _raise_enospc()
+        return real_write_atomically(path, fill_then_fail)
 
-
-def _full_disk(handle, *args, **kwargs):
-    """os.fdopen on a disk with no space left: the descriptor is closed, every write fails."""
-    import os
-    os.close(handle)
-    return _FullDisk()
+    return write_atomically
 
 
 def test_out_of_memory_at_the_first_step_leaves_no_run_directory(in_tmp, monkeypatch):
@@ -287,20 +286,20 @@ def test_out_of_memory_at_the_first_step_leaves_no_run_directory(in_tmp, monkeyp
 
 
 def test_disk_full_at_the_first_checkpoint(in_tmp, monkeypatch):
-    monkeypatch.setattr(checkpoints_module.os, "fdopen", _full_disk)
+    monkeypatch.setattr(checkpoints_module, "write_atomically", _on_a_full_disk(write_atomically))
     one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", in_tmp / "run", *sets(*TINY)), 2,
              "No space left on device")
     assert not (in_tmp / "run").exists()
 
 
 def test_disk_full_later_keeps_the_previous_checkpoint(in_tmp, monkeypatch):
-    real_fdopen, writes = checkpoints_module.os.fdopen, {"n": 0}
+    writes, full = {"n": 0}, _on_a_full_disk(write_atomically)
 
-    def fills_up(*args, **kwargs):
+    def fills_up(path, write):
         writes["n"] += 1
-        return real_fdopen(*args, **kwargs) if writes["n"] == 1 else _full_disk(*args)
+        return write_atomically(path, write) if writes["n"] == 1 else full(path, write)
 
-    monkeypatch.setattr(checkpoints_module.os, "fdopen", fills_up)
+    monkeypatch.setattr(checkpoints_module, "write_atomically", fills_up)
     out = in_tmp / "run"
     one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", out, *sets(*TINY)), 2, "No space left on device")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"] == 10
