@@ -11,7 +11,6 @@ import errno
 import io
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from bdiff_pyro.diffusion.schedules import make_beta_tilde
 from bdiff_pyro.errors import UserError
 from bdiff_pyro.networks.mlp import MLP
 from bdiff_pyro.programs.reverse import ReverseProcess
+from bdiff_pyro.util.files import write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = 2
@@ -48,7 +48,8 @@ def build_process(model_config, n, levels=2):
 
 
 def save_atomically(payload, path):
-    """torch.save to a temporary file in the same directory, then rename over ``path``.
+    """torch.save to a temporary file in the same directory, then rename over ``path``
+    (``util.files.write_atomically``).
 
     The payload is serialised in memory first, so that a full disk or a read-only directory
     is an OSError of the write (a UserError naming the file) rather than torch's
@@ -57,20 +58,10 @@ def save_atomically(payload, path):
     path = Path(path)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    temporary = None
     try:
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(buffer.getbuffer())
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary result file
-        os.replace(temporary, path)
+        write_atomically(path, lambda temporary: temporary.write_bytes(buffer.getbuffer()))
     except OSError as error:
         raise UserError(f"{path}: cannot write checkpoint ({_reason(error)})") from None
-    finally:
-        if temporary is not None:
-            Path(temporary).unlink(missing_ok=True)
 
 
 def _reason(error):

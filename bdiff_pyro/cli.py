@@ -10,12 +10,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 from bdiff_pyro.config import MAX_SEED  # config.py imports YAML, not torch
 from bdiff_pyro.errors import TrainingStopped, UserError
+from bdiff_pyro.util.files import write_atomically
 
 
 def cmd_train(args):
@@ -70,17 +70,17 @@ def _check_writable(run_dir):
 
 
 def print_final_report(metrics, config, run_dir):
-    """The end of a run: each K says which estimator, which data and how many replicates."""
+    """The end of a run: each ELBO says which estimator, which data and how many replicates."""
     def bound(report, data):
         scored = (f"a seeded subsample of {report['subsample']} of its {report['sequences']} sequences"
                   if report.get("subsample") else f"{report['sequences']} sequences")
         return (f"{report['elbo_bits']:.4f} ± {report['se_bits']:.4f} bits/seq on the {data} ({scored}, "
                 f"{report['replicates']} replicates stratified over t)")
 
-    print(f"final K (ELBO in bits/seq, estimate ± standard error): {bound(metrics['held_out'], 'held-out data')}; "
+    print(f"final ELBO (bits/seq, estimate ± standard error): {bound(metrics['held_out'], 'held-out data')}; "
           f"{bound(metrics['train'], 'training data')}")
     if config.evaluate.diagnose:
-        print("(the diagnostics' K above estimates the same held-out K from draws of its own, one replicate "
+        print("(the diagnostics' ELBO above estimates the same held-out ELBO from draws of its own, one replicate "
               "per draw, ± its MCSE: the two differ by Monte Carlo error)")
     samples = metrics["samples"]
     print(sample_summary(samples))
@@ -119,7 +119,7 @@ def cmd_sample(args):
     if args.num * line_bytes > free:
         raise UserError(f"{out}: {args.num} samples need {_size(args.num * line_bytes)} "
                         f"({line_bytes} bytes a line) but {out.parent} has {_size(free)} free")
-    write_atomically(out, lines)
+    write_lines(out, lines)
 
 
 def use_threads(config):
@@ -157,27 +157,18 @@ def write_to_stdout(chunks):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def write_atomically(path, chunks):
-    """Write the text chunks to a temporary file beside ``path``, then rename it over
-    ``path``: an error or Ctrl-C leaves no partial file."""
-    try:
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise UserError(f"{path}: cannot write here ({error.strerror})") from None
-    try:
-        with os.fdopen(handle, "w") as stream:
+def write_lines(path, chunks):
+    """The text chunks into ``path`` by one atomic write: an error or Ctrl-C leaves no partial file."""
+
+    def write(temporary):
+        with open(temporary, "w") as stream:
             for chunk in chunks:
                 stream.write(chunk)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; the samples are an ordinary file
-        os.replace(temporary, path)
+
+    try:
+        write_atomically(path, write)
     except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
         raise UserError(f"{path}: cannot write ({error.strerror})") from None
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _size(num_bytes):
@@ -202,17 +193,17 @@ def cmd_evaluate(args):
         raise UserError(f"{args.data}: sequences of length {x0.shape[1]}, but the model has n = {process.n}")
     report = bound_report(process, x0, replicates=args.replicates, seed=args.seed)
     papers_K = report.get("K_undefined") or f"paper's K without pi correction: {report['K_bits']:.4f}"
-    print(f"K = {report['elbo_bits']:.4f} ± {report['se_bits']:.4f} bits/seq "
+    print(f"ELBO = {report['elbo_bits']:.4f} ± {report['se_bits']:.4f} bits/seq "
           f"({len(x0)} sequences, {args.replicates} replicates; {papers_K})")
     if args.exact:
-        from bdiff_pyro.diffusion.bound import LN2
         from bdiff_pyro.programs.enumeration import exact_log_likelihood
+        from bdiff_pyro.util.stats import LN2
 
         report["exact_log_likelihood_bits"] = float(exact_log_likelihood(process.double(), x0.double()).mean()) / LN2
         print(f"exact log p(x^0) = {report['exact_log_likelihood_bits']:.4f} bits/seq (enumerated)")
     if args.importance is not None:
-        from bdiff_pyro.diffusion.bound import LN2
         from bdiff_pyro.programs.enumeration import importance_log_likelihood
+        from bdiff_pyro.util.stats import LN2
 
         estimate, se, ess = importance_log_likelihood(process, x0, num_samples=args.importance, return_ess=True)
         report.update(importance_bits=float(estimate.mean()) / LN2,
@@ -247,22 +238,28 @@ def cmd_impute(args):
     if as_arrays:
         import numpy as np
 
-        handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".npz")
-        os.close(handle)
-        np.savez(temporary, **partial.imputation_arrays(result))
-        os.replace(temporary, out)
+        arrays = partial.imputation_arrays(result)
+
+        def save(temporary):
+            with open(temporary, "wb") as stream:  # a file object: np.savez would append ".npz" to a name
+                np.savez(stream, **arrays)
+
+        try:
+            write_atomically(out, save)
+        except OSError as error:
+            raise UserError(f"{out}: cannot write ({error.strerror})") from None
         print(f"completions, marginals{' and evidence' if result.ess is not None else ''} in {out}")
         return
     lines = partial.completion_lines(result.completions, config.data.alphabet)
     if out is None:
         write_to_stdout([lines])
         return
-    write_atomically(out, [lines])
+    write_lines(out, [lines])
     written = [f"completions in {out}", f"marginals in {out}.marginals"]
-    write_atomically(Path(f"{out}.marginals"), [partial.marginal_lines(result.marginals)])
+    write_lines(Path(f"{out}.marginals"), [partial.marginal_lines(result.marginals)])
     if result.ess is not None:
-        write_atomically(Path(f"{out}.evidence.csv"),
-                         [partial.evidence_csv(result.log_evidence, result.log_evidence_se, result.ess)])
+        write_lines(Path(f"{out}.evidence.csv"),
+                    [partial.evidence_csv(result.log_evidence, result.log_evidence_se, result.ess)])
         written.append(f"log p(x_observed) per row in {out}.evidence.csv")
     print("; ".join(written))
 
@@ -296,7 +293,7 @@ def cmd_oracle(args):
                          progress=not args.quiet)
     se = f" ± {report['se_bits']:.4f}" if report.get("se_bits") else " (exact)"
     pi_1 = f", pi_1 = {report['pi_1']:g}" if report["pi_1"] is not None else ""  # two-state kernels only
-    print(f"oracle K* = {report['elbo_bits']:.4f}{se} bits/seq for T = {report['T']}, schedule {report['schedule']}"
+    print(f"oracle ELBO = {report['elbo_bits']:.4f}{se} bits/seq for T = {report['T']}, schedule {report['schedule']}"
           f"{pi_1}; data log-likelihood {report['data_log_likelihood_bits']:.4f} bits/seq, "
           f"gap {report['gap_bits']:.4f} bits ({report['support']} support)")
     if "samples" in report:
@@ -376,7 +373,7 @@ def build_parser():
                    help="strided sampling with this many network evaluations (x0 models; default: all T steps)")
     p.set_defaults(func=cmd_sample)
 
-    p = command("evaluate", "the bound K on a data file, in bits/seq")
+    p = command("evaluate", "the ELBO on a data file, in bits/seq")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR")
     p.add_argument("data", metavar="DATA_FILE", help="0/1 text lines or a .npy array")
     p.add_argument("--replicates", type=at_least(2), default=8,
@@ -398,7 +395,7 @@ def build_parser():
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_diagnose)
 
-    p = command("oracle", "the best possible K for the config's data, T and schedule")
+    p = command("oracle", "the best possible ELBO for the config's data, T and schedule")
     p.add_argument("config", help="YAML config (see experiments/configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry by dotted key, e.g. --set model.T=50")
@@ -427,7 +424,7 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=cmd_impute)
 
-    p = command("compare", "analytic K against TraceEnum_ELBO, Trace_ELBO and log p(x^0)")
+    p = command("compare", "analytic ELBO against TraceEnum_ELBO, Trace_ELBO and log p(x^0)")
     p.add_argument("config", help="e.g. experiments/crosscheck/compare.yaml")
     p.add_argument("--out", help="output directory (default runs/compare-<time>)")
     p.set_defaults(func=cmd_compare)

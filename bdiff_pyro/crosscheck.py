@@ -18,14 +18,12 @@ experiment in experiments/crosscheck/.
 """
 
 import copy
-import csv
 import dataclasses
-import datetime
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import pyro
 import torch
@@ -39,8 +37,8 @@ from bdiff_pyro.errors import UserError
 from bdiff_pyro.networks.mlp import MLP
 from bdiff_pyro.programs import enumeration
 from bdiff_pyro.programs.reverse import PARAMETERISATIONS, ReverseProcess
-
-LN2 = math.log(2.0)
+from bdiff_pyro.util.files import fresh_directory, write_csv
+from bdiff_pyro.util.stats import LN2
 
 OUTPUT_FILES = ("compare.csv", "compare.md", "compare_bounds.png")
 
@@ -300,28 +298,6 @@ def grid_rows(config: CompareConfig, progress=None) -> List[dict]:
 # Output
 
 
-def prepare_output_dir(out_dir: Optional[Union[str, Path]], names: Sequence[str] = OUTPUT_FILES) -> Path:
-    """``out_dir`` (default runs/compare-<timestamp>), created; UserError if it already holds
-    any of ``names``."""
-    if out_dir is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out_dir = Path("runs") / f"compare-{stamp}"
-    out_dir = Path(out_dir)
-    clashes = [name for name in names if (out_dir / name).exists()]
-    if clashes:
-        raise UserError(f"{out_dir} already holds {', '.join(clashes)}; refusing to overwrite, "
-                        "choose another output directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
-
-
-def write_csv(path, rows):
-    with open(path, "x", newline="") as handle:  # "x": never overwrite
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def format_value(value, digits=3):
     """``value`` to ``digits`` decimals; "-" for None (not measured)."""
     if value is None:
@@ -415,12 +391,12 @@ def plot_bounds(rows: List[dict], config: CompareConfig, path) -> None:
 
 def compare_main(config_path: Union[str, Path], out_dir: Optional[Union[str, Path]] = None) -> Dict[str, Path]:
     """Run the grid of ``config_path`` (YAML) and write its results into ``out_dir``
-    (default runs/compare-<timestamp>; existing result files are never overwritten:
-    UserError).  Returns {"out_dir", "csv", "table", "bounds_plot"}: the paths written."""
+    (default runs/compare-<timestamp>; a directory that holds anything is refused, so
+    earlier results are never overwritten: UserError).  Returns {"out_dir", "csv", "table", "bounds_plot"}: the paths written."""
     from tqdm.auto import tqdm
 
     config = load_config(config_path)
-    out = prepare_output_dir(out_dir)
+    out = fresh_directory("compare", out_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(int(config.threads))
     try:
@@ -430,7 +406,7 @@ def compare_main(config_path: Union[str, Path], out_dir: Optional[Union[str, Pat
         torch.set_num_threads(threads)
     paths = {"out_dir": out, "csv": out / "compare.csv", "table": out / "compare.md",
              "bounds_plot": out / "compare_bounds.png"}
-    write_csv(paths["csv"], rows)
+    write_csv(paths["csv"], rows, exclusive=True)
     with open(paths["table"], "x") as handle:
         handle.write(grid_table(rows, config))
     plot_bounds(rows, config, paths["bounds_plot"])

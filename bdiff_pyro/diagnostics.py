@@ -1,8 +1,8 @@
 """ArviZ diagnostics of a trained run: do independent sampling runs agree (R-hat), how many
-effective draws are there and what is the Monte Carlo error of the bound K (ESS, MCSE), and do
+effective draws are there and what is the Monte Carlo error of the ELBO (ESS, MCSE), and do
 generated sequences look like the data?
 
-Generated sequences are independent draws and the bound K is a Monte Carlo estimate, so both
+Generated sequences are independent draws and the ELBO is a Monte Carlo estimate, so both
 are laid out as ArviZ chains and draws, each chain an independent sampling run with its own
 seed, and judged with ArviZ's own diagnostics (arviz-base / arviz-stats / arviz-plots, the
 DataTree API).  ``diagnose(run_dir)`` writes into the run directory:
@@ -10,25 +10,25 @@ DataTree API).  ``diagnose(run_dir)`` writes into the run directory:
 - ``diagnostics.nc``: an ArviZ DataTree (NetCDF4 through h5netcdf) with the groups
   ``posterior_predictive``: ``x``, the generated sequences, dims (chain, draw, position);
   ``observed_data``: ``x``, the training sequences, dims (sequence, position);
-  ``sample_stats``, dims (chain, draw): ``K``, ``num_ones``, ``nearest_distance`` (Hamming
+  ``sample_stats``, dims (chain, draw): ``elbo``, ``num_ones``, ``nearest_distance`` (Hamming
   distance to the nearest training sequence), ``is_train`` / ``is_held_out`` / ``is_other``
   (0/1: a training sequence, a held-out sequence that is not a training one, neither) and, for
   data with a known periodic support (heartbeat), ``phase`` (index of the unique nearest
   support pattern, -1 on a tie).
-  Draw d of chain c of ``K`` is one independent stratified replicate of the bound
+  Draw d of chain c of ``elbo`` is one independent stratified replicate of the ELBO
   (``bound.elbo_replicates``) averaged over the held-out sequences, in bits/seq: its mean over
-  all draws is the estimate of K and ArviZ's MCSE is that estimate's Monte Carlo error.  K is
-  the bound on log2 p(x) that ``bdiff train`` and ``bdiff evaluate`` report as K (the ELBO);
-  the paper's K is K minus the root attribute ``pi_correction_bits`` (zero for pi_1 = 1/2;
+  all draws is the estimate of the ELBO and ArviZ's MCSE is that estimate's Monte Carlo error:
+  the bound on log2 p(x) that ``bdiff train`` and ``bdiff evaluate`` report as the ELBO;
+  the paper's K is the ELBO minus the root attribute ``pi_correction_bits`` (zero for pi_1 = 1/2;
   absent, and ``paper_K_undefined`` says why, for kernels whose pi has zeros).
   When there are more than ``bound_sequences`` held-out sequences, each draw averages a fresh
   random subset of that many (still unbiased for the average over all of them; the MCSE then
   includes the subsampling).
 - ``summary.csv`` / ``summary.md``: ``arviz_stats.summary`` (mean, sd, 94% HDI, ESS bulk / tail,
-  R-hat, MCSE of the mean and of the sd) of K, the draw statistics, the phase frequencies and
+  R-hat, MCSE of the mean and of the sd) of the ELBO, the draw statistics, the phase frequencies and
   the per-position rates, with the data's value in a ``data`` column; the Markdown copy (also
-  printed) leads with K as estimate ± MCSE and folds the per-position rates into one line.
-- ``diagnostics_convergence.png``: rank plots and local ESS of K and the draw statistics, by
+  printed) leads with the ELBO as estimate ± MCSE and folds the per-position rates into one line.
+- ``diagnostics_convergence.png``: rank plots and local ESS of the ELBO and the draw statistics, by
   chain; ``diagnostics_ppc.png``: generated against data (number of ones, nearest-neighbour
   distances, per-position rates, pattern frequencies) over replicated data sets.
 
@@ -38,8 +38,6 @@ Earlier results are never overwritten: when the files of slot 1 exist, the first
 """
 
 import math
-import os
-import tempfile
 import time
 import warnings
 from datetime import datetime, timezone
@@ -54,21 +52,21 @@ from tqdm.auto import tqdm
 from bdiff_pyro.checkpoints import process_from_checkpoint, read_checkpoint
 from bdiff_pyro.data import load_dataset
 from bdiff_pyro.diffusion.bound import (
-    LN2,
     elbo_replicates,
     first_stochastic_step,
     pi_correction,
     pi_correction_undefined,
 )
 from bdiff_pyro.errors import UserError
-from bdiff_pyro.evaluation import held_out_patterns
+from bdiff_pyro.util.files import claim_file, write_atomically
+from bdiff_pyro.util.stats import LN2, distinct_held_out, pattern_codes, row_membership
 
 DEFAULT_CHAINS = 4
 DEFAULT_DRAWS = 250
-BOUND_SEQUENCES = 16  # held-out sequences averaged per K draw (a random subset when there are more)
+BOUND_SEQUENCES = 16  # held-out sequences averaged per ELBO draw (a random subset when there are more)
 CI_PROB = 0.94
 SAMPLE_DIMS = ("chain", "draw")
-DRAW_STATISTICS = ("K", "num_ones", "nearest_distance", "is_train", "is_held_out", "is_other")
+DRAW_STATISTICS = ("elbo", "num_ones", "nearest_distance", "is_train", "is_held_out", "is_other")
 _ROWS_PER_CALL = 1 << 16  # (t, x^0) rows per elbo_replicates call: bounds the memory used
 
 
@@ -78,7 +76,7 @@ def diagnose(run_dir, chains=DEFAULT_CHAINS, draws=DEFAULT_DRAWS, seed=0, *, ove
 
     ``chains`` independent sampling runs of ``draws`` sequences each, chain c seeded from
     (seed, c); the bound gets ``draws`` independent replicates per chain.  Returns a dict:
-    ``files`` (name -> path), ``K_bits`` / ``K_mcse_bits`` / ``K_ess`` / ``K_r_hat``,
+    ``files`` (name -> path), ``elbo_bits`` / ``elbo_mcse_bits`` / ``elbo_ess`` / ``elbo_r_hat``,
     ``max_r_hat`` (over every row of the summary), ``summary`` (the pandas summary DataFrame),
     ``table`` (its Markdown text), ``seconds``.
     """
@@ -104,7 +102,7 @@ def diagnose(run_dir, chains=DEFAULT_CHAINS, draws=DEFAULT_DRAWS, seed=0, *, ove
         seeds = chain_seeds(seed, chains)
         samples = generate(process, chains, draws, seeds, progress)
         stats = draw_statistics(samples, dataset)
-        stats["K"] = bound_draws(process, dataset.val, draws, chain_seeds(seed, chains, stream=1),
+        stats["elbo"] = bound_draws(process, dataset.val, draws, chain_seeds(seed, chains, stream=1),
                                  bound_sequences, progress)
         tree = build_datatree(samples, dataset, stats, attrs={
             "run_dir": str(run_dir), "checkpoint_step": int(payload["state"]["step"]), "chains": chains,
@@ -112,7 +110,7 @@ def diagnose(run_dir, chains=DEFAULT_CHAINS, draws=DEFAULT_DRAWS, seed=0, *, ove
             "bound_sequences": min(bound_sequences, len(dataset.val)),
             "held_out_sequences": len(dataset.val),
             **_papers_K_attrs(process.kernel, dataset.val),
-            "held_out_patterns": held_out_patterns(dataset.train, dataset.val),
+            "held_out_patterns": distinct_held_out(dataset.train, dataset.val),
             "config": yaml.safe_dump(config.to_dict(), sort_keys=False)})
         _write_netcdf(tree, files["datatree"])
     except BaseException:
@@ -135,11 +133,11 @@ def diagnose(run_dir, chains=DEFAULT_CHAINS, draws=DEFAULT_DRAWS, seed=0, *, ove
         for key in ("convergence_plot", "ppc_plot"):
             files.pop(key)
     seconds = time.perf_counter() - started
-    k = table.loc["K"]
+    elbo = table.loc["elbo"]
     result = {
         "files": {key: str(path) for key, path in files.items()},
-        "K_bits": float(k["mean"]), "K_mcse_bits": float(k["mcse_mean"]),
-        "K_ess": float(k["ess_bulk"]), "K_r_hat": float(k["r_hat"]),
+        "elbo_bits": float(elbo["mean"]), "elbo_mcse_bits": float(elbo["mcse_mean"]),
+        "elbo_ess": float(elbo["ess_bulk"]), "elbo_r_hat": float(elbo["r_hat"]),
         "max_r_hat": float(np.nanmax(table["r_hat"].to_numpy(dtype=float))),
         "summary": table, "table": markdown, "seconds": seconds,
     }
@@ -167,36 +165,28 @@ def _claim_outputs(run_dir, overwrite):
         paths = {key: run_dir / name for key, name in output_names(slot).items()}
         if overwrite:
             return paths
-        if any(path.exists() for path in paths.values()):
-            continue
-        try:
-            paths["datatree"].open("x").close()
-        except FileExistsError:
-            continue
-        return paths
+        if not any(path.exists() for path in paths.values()) and claim_file(paths["datatree"]):
+            return paths
     raise UserError(f"{run_dir}: no free name for diagnostics (9999 earlier runs); pass overwrite")
 
 
 def _write_netcdf(tree, path):
     """DataTree -> NetCDF4 (h5netcdf) through a temporary file renamed over ``path``."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
     try:
-        tree.to_netcdf(temporary, engine="h5netcdf")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from others
-        os.replace(temporary, path)
+        write_atomically(path, lambda temporary: tree.to_netcdf(temporary, engine="h5netcdf"))
     except ImportError:
         raise UserError("writing diagnostics.nc needs the h5netcdf package (pip install h5netcdf)") from None
-    finally:
-        Path(temporary).unlink(missing_ok=True)
 
 
 def open_diagnostics(path):
-    """Read a diagnostics.nc back as an ArviZ DataTree (loaded into memory, file closed)."""
+    """Read a diagnostics.nc back as an ArviZ DataTree (loaded into memory, file closed).  Files
+    written before the ELBO was named ``elbo`` call it ``K``: it is renamed."""
     with xr.open_datatree(path, engine="h5netcdf") as tree:
-        return tree.load()
+        tree = tree.load()
+    stats = tree["sample_stats"].to_dataset()
+    if "K" in stats and "elbo" not in stats:
+        tree["sample_stats"] = xr.DataTree(stats.rename({"K": "elbo"}))
+    return tree
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,21 +227,13 @@ def hamming_to_nearest(x, reference, chunk=1024):
     return best.numpy(), index.numpy()
 
 
-def _row_keys(rows):
-    return {row.tobytes() for row in np.asarray(rows, dtype=np.uint8)}
-
-
 def draw_statistics(samples, dataset):
     """Per-draw statistics of (chains, draws, n) samples, each of shape (chains, draws)."""
     chains, draws, n = samples.shape
     flat = samples.reshape(-1, n)
     train = dataset.train.to(torch.uint8).cpu().numpy()
     val = dataset.val.to(torch.uint8).cpu().numpy()
-    train_keys = _row_keys(train)
-    val_keys = _row_keys(val) - train_keys
-    keys = [row.tobytes() for row in flat.astype(np.uint8)]
-    is_train = np.array([key in train_keys for key in keys])
-    is_held_out = np.array([key in val_keys for key in keys])
+    is_train, is_held_out = row_membership(flat, train, val)
     stats = {
         "num_ones": flat.sum(1, dtype=np.int64),
         "nearest_distance": hamming_to_nearest(flat, train)[0],
@@ -298,7 +280,7 @@ def bound_draws(process, x_val, draws, seeds, bound_sequences=BOUND_SEQUENCES, p
 
 
 def _papers_K_attrs(kernel, x0):
-    """The root attribute that turns K into the paper's K: ``pi_correction_bits``, or
+    """The root attribute that turns the ELBO into the paper's K: ``pi_correction_bits``, or
     ``paper_K_undefined`` saying why there is none (``bound.pi_correction_undefined``)."""
     undefined = pi_correction_undefined(kernel)
     if undefined is not None:
@@ -320,8 +302,8 @@ def build_datatree(samples, dataset, stats, attrs=None):
         {"x": (("sequence", "position"), train, {"description": "training sequences"})},
         coords={"sequence": np.arange(len(train)), "position": np.arange(n)})
     descriptions = {
-        "K": ("bits/seq", "one independent Monte Carlo replicate of the bound (ELBO on log2 p) "
-              "averaged over the held-out sequences; its mean over draws is K"),
+        "elbo": ("bits/seq", "one independent Monte Carlo replicate of the bound (ELBO on log2 p) "
+              "averaged over the held-out sequences; its mean over draws is the ELBO"),
         "num_ones": ("", "number of ones in the generated sequence"),
         "nearest_distance": ("", "Hamming distance to the nearest training sequence"),
         "is_train": ("", "1 if the generated sequence is a training sequence"),
@@ -330,7 +312,7 @@ def build_datatree(samples, dataset, stats, attrs=None):
         "phase": ("", "index of the unique nearest support pattern (periodic data), -1 on a tie"),
     }
     variables = {}
-    for name in ("K", *[key for key in descriptions if key != "K"]):
+    for name in ("elbo", *[key for key in descriptions if key != "elbo"]):
         if name in stats:
             units, text = descriptions[name]
             variables[name] = (SAMPLE_DIMS, stats[name], {"description": text, **({"units": units} if units else {})})
@@ -419,14 +401,14 @@ def ess_phrase(ess, draws):
 
 
 def summary_markdown(tree, table):
-    """The Markdown summary: K as estimate ± MCSE, then the table (per-position rates folded
+    """The Markdown summary: the ELBO as estimate ± MCSE, then the table (per-position rates folded
     into one line; they are all in summary.csv)."""
     attrs = tree.attrs
-    k = table.loc["K"]
+    elbo = table.loc["elbo"]
     percent = [c for c in table.columns if c.startswith("hdi")][0][3:-3]
     draws = attrs['chains'] * attrs['draws']
-    lines = [f"K = {k['mean']:.4f} ± {k['mcse_mean']:.4f} bits/seq (estimate ± MCSE; "
-             f"{ess_phrase(k['ess_bulk'], draws)}, R-hat {k['r_hat']:.3f}), "
+    lines = [f"ELBO = {elbo['mean']:.4f} ± {elbo['mcse_mean']:.4f} bits/seq (estimate ± MCSE; "
+             f"{ess_phrase(elbo['ess_bulk'], draws)}, R-hat {elbo['r_hat']:.3f}), "
              f"{attrs['chains']} chains x {attrs['draws']} draws, seed {attrs['seed']}; each draw one replicate "
              f"stratified over t on {attrs['bound_sequences']} of the {attrs['held_out_sequences']} held-out sequences",
              "",
@@ -435,7 +417,7 @@ def summary_markdown(tree, table):
     for name, row in table.iterrows():
         if name.startswith("rate["):
             continue
-        d = 4 if name == "K" else 3
+        d = 4 if name == "elbo" else 3
         if name == "is_held_out" and attrs.get("held_out_patterns") == 0:
             lines.append("| is_held_out | no held-out patterns (the held-out set is the training set) "
                          "| | | | | | |")
@@ -461,9 +443,9 @@ def summary_markdown(tree, table):
 # ---------------------------------------------------------------------------------------
 # Plots (arviz-plots, matplotlib backend)
 
-CONVERGENCE_VARIABLES = ("K", "num_ones", "nearest_distance", "phase")
-LABELS = {"K": "K (bits/seq)", "num_ones": "number of ones", "nearest_distance": "distance to nearest training seq.",
-          "phase": "phase"}
+CONVERGENCE_VARIABLES = ("elbo", "num_ones", "nearest_distance", "phase")
+LABELS = {"elbo": "ELBO (bits/seq)", "num_ones": "number of ones",
+          "nearest_distance": "distance to nearest training seq.", "phase": "phase"}
 MAX_PATTERNS = 8  # pattern frequencies: the support, or the most frequent training sequences
 
 
@@ -485,7 +467,7 @@ def _save(fig, path):
 
 
 def plot_convergence(tree, path, seed=0):
-    """Rank plots (left) and local ESS (right) of K and the draw statistics, one row each
+    """Rank plots (left) and local ESS (right) of the ELBO and the draw statistics, one row each
     (statistics that are the same in every draw have nothing to rank and are left out).
 
     The integer statistics tie a lot (a good model puts most draws at distance 0), and tied
@@ -541,8 +523,7 @@ def _patterns(dataset):
     else:
         unique, counts = np.unique(train, axis=0, return_counts=True)
         patterns = unique[np.argsort(-counts, kind="stable")[:MAX_PATTERNS]]
-    index = {row.tobytes(): p for p, row in enumerate(patterns)}
-    codes = np.array([index.get(row.tobytes(), len(patterns)) for row in train])
+    codes = pattern_codes(train, patterns)
     return patterns, np.bincount(codes, minlength=len(patterns) + 1) / len(train)
 
 
@@ -565,8 +546,7 @@ def _ppc_tree(tree, dataset, seed=0):
     x = x[:, :reps * m].reshape(chains, reps, m, n)
     m_val = min(m, len(val))
     patterns, data_frequency = _patterns(dataset)
-    index = {row.tobytes(): p for p, row in enumerate(patterns.astype(np.uint8))}
-    codes = np.array([index.get(row.tobytes(), len(patterns)) for row in x.reshape(-1, n).astype(np.uint8)])
+    codes = pattern_codes(x.reshape(-1, n), patterns)
     frequency = (codes.reshape(chains, reps, m, 1) == np.arange(len(patterns) + 1)).mean(2)
     rng = np.random.default_rng(seed)
     observed_train = train[rng.choice(len(train), m, replace=False)]

@@ -7,15 +7,10 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from bdiff_pyro.diffusion.bound import (
-    LN2,
-    elbo_replicates,
-    first_stochastic_step,
-    mean_and_standard_error,
-    papers_K_fields,
-)
+from bdiff_pyro.diffusion.bound import elbo_replicates, first_stochastic_step, papers_K_fields
 from bdiff_pyro.diffusion.oracle import OracleReverse, oracle_report
 from bdiff_pyro.memory import rows_per_chunk
+from bdiff_pyro.util.stats import LN2, mean_and_standard_error
 
 
 def bound_report(process, x0, replicates=8, seed=0, distinct=False, max_sequences=None, progress=False):
@@ -86,27 +81,6 @@ def bound_fell(start, end, margin_bits=1.0, num_se=4.0):
     return None
 
 
-def _row_keys(x):
-    return {row.tobytes() for row in x.to(torch.uint8).cpu().numpy()}
-
-
-def held_out_patterns(train, val):
-    """How many distinct held-out sequences are not training sequences (0 for heartbeat data,
-    whose held-out set is its training set: then no sample can count as held-out)."""
-    return len(_row_keys(val) - _row_keys(train))
-
-
-def membership(samples, train, val):
-    """Fractions of samples that are training sequences, held-out (and not training) ones,
-    and neither."""
-    train_keys, val_keys = _row_keys(train), _row_keys(val) - _row_keys(train)
-    rows = [row.tobytes() for row in samples.to(torch.uint8).cpu().numpy()]
-    in_train = sum(key in train_keys for key in rows)
-    in_val = sum(key in val_keys for key in rows)
-    total = len(rows)
-    return {"train": in_train / total, "held_out": in_val / total, "neither": (total - in_train - in_val) / total}
-
-
 def pattern_histogram(samples, patterns):
     """Fraction of samples equal to each pattern (e.g. each heartbeat shift)."""
     matches = (samples.unsqueeze(1) == patterns.to(samples).unsqueeze(0)).all(-1)
@@ -116,7 +90,7 @@ def pattern_histogram(samples, patterns):
 def reference_bounds(kernel, dataset, max_cost=2 ** 30):
     """The lines a run's bound is judged against, where known, in bits/seq: the data's own
     expected log-likelihood -H (known support, equally likely patterns) and the oracle's
-    exact bound K* for this kernel (when its exact computation is cheap: ``max_cost``
+    exact ELBO for this kernel (when its exact computation is cheap: ``max_cost``
     elements over all steps)."""
     if dataset.support is None:
         return {}
@@ -127,7 +101,7 @@ def reference_bounds(kernel, dataset, max_cost=2 ** 30):
     kernel = kernel.double()
     cost = exact_cost(support, kernel.num_states)
     if cost <= 2 ** 23 and cost * kernel.T <= max_cost:  # 2^23: oracle_elbo_exact's own limit per step
-        references["oracle K*"] = oracle_report(kernel, support, exact=True)["elbo_bits"]
+        references["oracle ELBO"] = oracle_report(kernel, support, exact=True)["elbo_bits"]
     return references
 
 

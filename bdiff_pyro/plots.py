@@ -25,7 +25,7 @@ def _save(fig, path):
 def bound_curve(history, path, references=None):
     """Training loss and held-out bound (bits/seq, with standard errors) against step, and a
     horizontal line for each known reference (``{label: bits}``, e.g. the data's own
-    log-likelihood and the oracle's bound K*)."""
+    log-likelihood and the oracle's ELBO)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [row["step"] for row in history]
     ax.plot(steps, [-row["loss_bits"] for row in history], label="training minibatch estimate", alpha=0.6)
@@ -34,7 +34,7 @@ def bound_curve(history, path, references=None):
     for (label, bits), style in zip((references or {}).items(), (":", "--", "-.")):
         ax.axhline(bits, color="0.25", ls=style, lw=1, label=f"{label}: {bits:.3f}")
     ax.set_xlabel("step")
-    ax.set_ylabel("bound K (bits / sequence)")
+    ax.set_ylabel("ELBO (bits / sequence)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path)

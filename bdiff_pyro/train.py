@@ -6,7 +6,6 @@ No formula lives here: the loss is ``bound.negative_elbo_estimate``; the rest is
 
 import contextlib
 import copy
-import csv
 import json
 import math
 import shlex
@@ -17,7 +16,6 @@ import time
 import typing
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -31,18 +29,18 @@ from bdiff_pyro import plots
 from bdiff_pyro.checkpoints import CHECKPOINT_NAME, FORMAT, build_process, read_checkpoint, save_atomically
 from bdiff_pyro.config import config_text, save_config
 from bdiff_pyro.data import Dataset, load_dataset
-from bdiff_pyro.diffusion.bound import LN2, first_stochastic_step, negative_elbo_estimate, uniform_step_proposal
+from bdiff_pyro.diffusion.bound import first_stochastic_step, negative_elbo_estimate, uniform_step_proposal
 from bdiff_pyro.errors import TrainingStopped, TrainingWarning, UserError
 from bdiff_pyro.evaluation import (
     bound_fell,
     bound_report,
-    held_out_patterns,
-    membership,
     pattern_histogram,
     reference_bounds,
 )
 from bdiff_pyro.memory import require_memory, sample_in_batches, training_bytes
 from bdiff_pyro.programs.forward import forward_chain
+from bdiff_pyro.util.files import fresh_directory, write_csv
+from bdiff_pyro.util.stats import LN2, distinct_held_out, membership_fractions
 
 
 class AnalyticLoss:
@@ -139,48 +137,16 @@ class TrainingState:
     start_bound: dict = None  # the held-out bound of the initial weights, as the evaluations estimate it
 
 
-def new_run_dir(config_path, out=None, root="runs"):
-    """A fresh run directory: ``out`` if given (must not hold a run yet), otherwise
-    runs/<config name>-<timestamp>[-k].  Never reuses an existing run's directory."""
-    if out is not None:
-        out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out}: exists and is not a directory")
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"{out}: directory exists and is not empty; refusing to overwrite an earlier run")
-        _make_directory(out, exist_ok=True, flag="--out")
-        return out
-    stem = f"{Path(config_path).stem}-{datetime.now():%Y%m%d-%H%M%S}"
-    for k in range(1, 1000):
-        candidate = Path(root) / (stem if k == 1 else f"{stem}-{k}")
-        if _make_directory(candidate, exist_ok=False, flag="the run directory"):
-            return candidate
-    raise UserError(f"{root}: cannot find a free run directory name for {stem}")
-
-
-def _make_directory(path, exist_ok, flag):
-    """mkdir -p; False if ``path`` exists and not ``exist_ok``; a UserError if it cannot be made."""
-    try:
-        path.mkdir(parents=True, exist_ok=exist_ok)
-        return True
-    except FileExistsError:
-        if path.is_dir():
-            return False
-        raise UserError(f"{flag} {path}: exists and is not a directory") from None
-    except OSError as error:
-        raise UserError(f"{flag} {path}: cannot create directory ({error.strerror})") from None
-
-
 def claim_run_dir(config, config_path, out=None, root="runs"):
     """Create the run directory and, in it, config.yaml with exclusive creation: of two runs
     started with the same ``--out``, exactly one gets it, the other stops before writing.
     Returns (run directory, whether this call created the directory itself)."""
     if out is not None and Path(out).is_dir():
         created = False
-        run_dir = new_run_dir(config_path, out, root)
+        run_dir = fresh_directory(Path(config_path).stem, out, root)
     else:
         created = True
-        run_dir = new_run_dir(config_path, out, root)
+        run_dir = fresh_directory(Path(config_path).stem, out, root)
     try:
         with open(run_dir / "config.yaml", "x") as stream:
             stream.write(config_text(config))
@@ -421,7 +387,7 @@ def run_training(setup, run_dir, progress=True, log=print):
                 with averaged():
                     row = _evaluate_during_training(process, dataset, config, state, losses, optim)
                 if not math.isfinite(row["val_elbo_bits"]):
-                    raise diverged(f"held-out K is {row['val_elbo_bits']}")
+                    raise diverged(f"held-out ELBO is {row['val_elbo_bits']}")
                 row["elapsed_s"] = time.perf_counter() - started
                 state.history.append(row)
                 losses = []
@@ -494,7 +460,8 @@ def unsound_weights(process, batch, which=""):
 
 
 def _out_of_memory(error):
-    return isinstance(error, MemoryError) or "can't allocate memory" in str(error) or "out of memory" in str(error).lower()
+    message = str(error)
+    return isinstance(error, MemoryError) or "can't allocate memory" in message or "out of memory" in message.lower()
 
 
 def _copy(state_dict):
@@ -519,7 +486,7 @@ def _evaluate_during_training(process, dataset, config, state, losses, optim):
     process.eval()
     samples = sample_in_batches(process, config.train.eval_samples, seed=config.seed)
     process.train()
-    fractions = membership(samples, dataset.train, dataset.val)
+    fractions = membership_fractions(samples, dataset.train, dataset.val)
     state.snapshots.append((state.step, samples[:32].to(torch.uint8).cpu()))
     return {"step": state.step, "loss_bits": sum(losses) / max(len(losses), 1),
             "val_elbo_bits": report["elbo_bits"], "val_se_bits": report["se_bits"],
@@ -529,21 +496,21 @@ def _evaluate_during_training(process, dataset, config, state, losses, optim):
 
 def finish_run(process, dataset, config, state, run_dir, progress=False):
     """Final metrics, history and plots of a run (history.csv first: it needs no evaluation)."""
-    _write_history(state.history, run_dir / "history.csv")
+    write_csv(run_dir / "history.csv", state.history)
     process.eval()
     evaluate = config.evaluate
     max_sequences = final_sequences(evaluate.max_rows, evaluate.replicates, process.kernel)
     train_bound = bound_report(process, dataset.train, evaluate.replicates, seed=config.seed, distinct=True,
-                               max_sequences=max_sequences, progress=progress and "K on training data")
+                               max_sequences=max_sequences, progress=progress and "ELBO on training data")
     val_bound = bound_report(process, dataset.val, evaluate.replicates, seed=config.seed + 1, distinct=True,
-                             max_sequences=max_sequences, progress=progress and "K on held-out data")
+                             max_sequences=max_sequences, progress=progress and "ELBO on held-out data")
     started = time.perf_counter()
     samples = sample_in_batches(process, evaluate.num_samples, seed=config.seed)
     sampling_seconds = time.perf_counter() - started
     metrics = {
         "train": train_bound, "held_out": val_bound,
-        "samples": {"num": config.evaluate.num_samples, **membership(samples, dataset.train, dataset.val),
-                    "held_out_patterns": held_out_patterns(dataset.train, dataset.val),
+        "samples": {"num": config.evaluate.num_samples, **membership_fractions(samples, dataset.train, dataset.val),
+                    "held_out_patterns": distinct_held_out(dataset.train, dataset.val),
                     "per_second": config.evaluate.num_samples / sampling_seconds},
         "wall_time_s": state.wall_time, "steps": state.step, "T": process.T, "n": dataset.n,
         "num_parameters": sum(p.numel() for p in process.parameters()),
@@ -561,18 +528,9 @@ def finish_run(process, dataset, config, state, run_dir, progress=False):
 
 
 def final_sequences(max_rows, replicates, kernel):
-    """How many sequences the final K scores at most: max(2, max_rows / (replicates x steps)),
+    """How many sequences the final ELBO scores at most: max(2, max_rows / (replicates x steps)),
     steps the stochastic steps of the bound (None: all)."""
     if max_rows is None:
         return None
     steps = kernel.T + 1 - first_stochastic_step(kernel)
     return max(2, max_rows // (replicates * steps))
-
-
-def _write_history(history, path):
-    if not history:
-        return
-    with open(path, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)

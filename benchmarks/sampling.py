@@ -23,7 +23,8 @@ from machine import default_out, start
 
 from bdiff_pyro.checkpoints import load_with_config
 from bdiff_pyro.data import load_dataset
-from bdiff_pyro.evaluation import membership, pattern_histogram
+from bdiff_pyro.evaluation import pattern_histogram
+from bdiff_pyro.util.stats import membership_fractions
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = (5, 10, 20, 30, 50, 100, 200, 1000)
@@ -66,8 +67,8 @@ def main(argv=None):
     strided = []
     for steps in [s for s in STEPS if s <= model.T]:
         samples, seconds = timed_samples(model, args.num, 0, steps)
-        strided.append({"evaluations": steps,
-                        "exact_fraction": membership(samples, dataset.train, dataset.val)["train"],
+        exact_fraction = membership_fractions(samples, dataset.train, dataset.val)["train"]
+        strided.append({"evaluations": steps, "exact_fraction": exact_fraction,
                         "shift_fractions": pattern_histogram(samples, dataset.support), "seconds": seconds,
                         "samples_per_second": args.num / seconds})
         print(f"{steps:5d} evaluations: {strided[-1]['exact_fraction']:.2%} exact, {seconds:.2f} s", flush=True)

@@ -209,7 +209,7 @@ def test_oracle_command_with_samples():
     result = bdiff("oracle", "experiments/configs/heartbeat.yaml", "--set", "model.T=20", "--samples", 300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[0].startswith("oracle K* = ") and "T = 20" in lines[0]
+    assert lines[0].startswith("oracle ELBO = ") and "T = 20" in lines[0]
     assert lines[1].startswith("of 300 oracle samples (seed 0): ") and "% in the support" in lines[1]
     assert len(lines[1].split("pattern fractions ")[1].split()) == 5  # the five heartbeat shifts
     assert_one_line(bdiff("oracle", "experiments/configs/heartbeat.yaml", "--samples", -1),

@@ -19,6 +19,7 @@ import yaml
 from bdiff_pyro.diffusion.kernels import BernoulliKernel, UniformKernel
 from bdiff_pyro.diffusion.schedules import make_beta_tilde
 from bdiff_pyro.errors import UserError
+from bdiff_pyro.util.files import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -158,7 +159,7 @@ def test_schedule_study_functions(tmp_path):
     assert len(rows) == 6
     for row in rows:
         assert row["gap_bits"] > 0 and row["elbo_bits"] == pytest.approx(-math.log2(3) - row["gap_bits"])
-    study.write_csv(rows, tmp_path / "study.csv")
+    write_csv(tmp_path / "study.csv", rows, study.CSV_FIELDS)
     assert (tmp_path / "study.csv").read_text().count("\n") == 7
     search = study.T_for_gap(study.DEFAULT_SPECS[2], patterns, None, 0.05, known=rows, tolerance=0.05)
     T_lo, T_hi = search["T_bracket"]

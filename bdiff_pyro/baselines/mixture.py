@@ -7,9 +7,9 @@
   outcome on every p_kd (a Beta(alpha + 1, alpha + 1) prior) and ``gamma`` pseudo-counts
   per component on the weights (a Dirichlet(gamma + 1) prior):
 
-      p_kd = (sum_i r_ik x_id + alpha) / (N_k + 2 alpha),   w_k = (N_k + gamma) / (N + K gamma)
+      p_kd = (sum_i r_ik x_id + alpha) / (N_k + 2 alpha),   w_k = (N_k + gamma) / (N + C gamma)
 
-  so that 0 < p_kd < 1 and w_k > 0.  EM never decreases the objective it maximises, the
+  with C = ``num_components``, so that 0 < p_kd < 1 and w_k > 0.  EM never decreases the objective it maximises, the
   log-likelihood plus the log prior (``log_posterior``); with alpha = gamma = 0 that is the
   plain log-likelihood.
 - ``select_mixture``: the number of components (and alpha) chosen by validation
@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-LN2 = math.log(2.0)
+from bdiff_pyro.util.stats import LN2
+
 COMPONENT_GRID = (1, 2, 5, 10, 20, 30, 50, 80, 120)
 ALPHA_GRID = (0.1, 0.5, 1.0, 2.0)
 
@@ -74,7 +75,7 @@ def bits_per_sequence(log_likelihoods):
 
 def bernoulli_log_likelihoods(x, probs):
     """log prod_d p_kd^x_d (1 - p_kd)^(1 - x_d) for every sequence and row of ``probs``:
-    (N, n), (K, n) -> (N, K)."""
+    (N, n), (C, n) -> (N, C), C the number of components."""
     return x @ np.log(probs).T + (1.0 - x) @ np.log1p(-probs).T
 
 
@@ -94,8 +95,8 @@ class IndependentBernoulli:
 
 @dataclass
 class BernoulliMixture:
-    log_weights: np.ndarray  # (K,)
-    probs: np.ndarray  # (K, n), strictly inside (0, 1)
+    log_weights: np.ndarray  # (num_components,)
+    probs: np.ndarray  # (num_components, n), strictly inside (0, 1)
     alpha: float = 0.0
     gamma: float = 0.0
     history: list = field(default_factory=list)  # objective (log posterior, nats) after each EM step
@@ -106,7 +107,7 @@ class BernoulliMixture:
         return len(self.log_weights)
 
     def joint_log_probs(self, x):
-        """log w_k + log p(x | k), shape (N, K)."""
+        """log w_k + log p(x | k), shape (N, num_components)."""
         return self.log_weights[None, :] + bernoulli_log_likelihoods(_array(x), self.probs)
 
     def log_prob(self, x):
@@ -129,7 +130,7 @@ class BernoulliMixture:
 
 
 def _m_step(x, log_resp, alpha, gamma):
-    """MAP parameters from log responsibilities (N, K)."""
+    """MAP parameters from log responsibilities (N, num_components)."""
     resp = np.exp(log_resp)
     counts = resp.sum(0)  # N_k
     probs = (resp.T @ x + alpha) / (counts[:, None] + 2 * alpha)
@@ -143,7 +144,7 @@ def _m_step(x, log_resp, alpha, gamma):
 def fit_mixture(x, num_components, alpha=1.0, gamma=1.0, max_iter=500, tol=1e-7, seed=0, init=None):
     """One EM run from a random start; returns a BernoulliMixture with its objective history.
 
-    Start: responsibilities concentrated on K distinct random training sequences (each
+    Start: responsibilities concentrated on ``num_components`` distinct random training sequences (each
     sequence is assigned to its nearest chosen sequence by Hamming distance, plus 10% uniform
     mass), then alternating M and E steps until the objective improves by less than
     ``tol`` nats per sequence.  ``init`` may give starting (log_weights, probs) instead.
@@ -152,11 +153,10 @@ def fit_mixture(x, num_components, alpha=1.0, gamma=1.0, max_iter=500, tol=1e-7,
     num, n = x.shape
     rng = np.random.default_rng(seed)
     if init is None:
-        K = num_components
-        centres = x[rng.choice(num, size=K, replace=K > num)]
-        distance = x @ (1 - centres).T + (1 - x) @ centres.T  # Hamming, (N, K)
+        centres = x[rng.choice(num, size=num_components, replace=num_components > num)]
+        distance = x @ (1 - centres).T + (1 - x) @ centres.T  # Hamming, (N, num_components)
         distance = distance + rng.random(distance.shape) * 1e-3  # break ties at random
-        resp = np.full((num, K), 0.1 / K)
+        resp = np.full((num, num_components), 0.1 / num_components)
         resp[np.arange(num), distance.argmin(1)] += 0.9
         log_weights, probs = _m_step(x, np.log(resp), alpha, gamma)
     else:
@@ -179,21 +179,24 @@ def fit_mixture(x, num_components, alpha=1.0, gamma=1.0, max_iter=500, tol=1e-7,
 @single_threaded
 def select_mixture(train, val, components=COMPONENT_GRID, alphas=ALPHA_GRID, gamma=1.0, restarts=5,
                    seed=0, max_iter=500, log=None):
-    """Fit every (K, alpha) on the grid with ``restarts`` starts each, keep the start with the
-    best training objective, and choose the (K, alpha) with the best validation
+    """Fit every (num_components, alpha) on the grid with ``restarts`` starts each, keep the start with the
+    best training objective, and choose the (num_components, alpha) with the best validation
     log-likelihood.  Returns (best model, table of rows with the validation bits of each)."""
     train, val = _array(train), _array(val)
     rows, best, best_val = [], None, -np.inf
-    for K, alpha in itertools.product(components, alphas):
+    for num_components, alpha in itertools.product(components, alphas):
         started = time.perf_counter()
-        fits = [fit_mixture(train, K, alpha, gamma, max_iter=max_iter, seed=seed + 1000 * r) for r in range(restarts)]
+        fits = [fit_mixture(train, num_components, alpha, gamma, max_iter=max_iter, seed=seed + 1000 * r)
+                for r in range(restarts)]
         model = max(fits, key=lambda m: m.history[-1])
         val_ll = float(model.log_prob(val).mean())
-        row = {"K": K, "alpha": alpha, "train_bits": -float(model.log_prob(train).mean()) / LN2,
-               "val_bits": -val_ll / LN2, "iterations": len(model.history), "seconds": time.perf_counter() - started}
+        row = {"num_components": num_components, "alpha": alpha,
+               "train_bits": -float(model.log_prob(train).mean()) / LN2, "val_bits": -val_ll / LN2,
+               "iterations": len(model.history), "seconds": time.perf_counter() - started}
         rows.append(row)
         if log is not None:
-            log(f"  K={K:4d} alpha={alpha:4g}: train {row['train_bits']:.3f}  val {row['val_bits']:.3f} bits "
+            log(f"  components={num_components:4d} alpha={alpha:4g}: "
+                f"train {row['train_bits']:.3f}  val {row['val_bits']:.3f} bits "
                 f"({row['iterations']} EM steps, {row['seconds']:.1f} s for {restarts} starts)")
         if val_ll > best_val:
             best, best_val = model, val_ll

@@ -17,11 +17,10 @@ and joins the stochastic terms as t = 1 (D3PM's reconstruction term).
 """
 
 import itertools
-import math
 
 import torch
 
-LN2 = math.log(2.0)
+from bdiff_pyro.util.stats import LN2
 
 
 def kl_categorical(log_q, log_p):
@@ -39,9 +38,9 @@ def entropy(log_q):
     return -kl_categorical(log_q, torch.zeros_like(log_q))
 
 
-def cross_entropy_term(log_q, log_p):
-    """E_q log p = sum_k q_k log p_k over the last dimension."""
-    return -(kl_categorical(log_q, log_p) + entropy(log_q))
+def cross_entropy(log_q, log_p):
+    """H(q, p) = - sum_k q_k log p_k = KL(q || p) + H(q) >= 0, over the last dimension."""
+    return kl_categorical(log_q, log_p) + entropy(log_q)
 
 
 def first_stochastic_step(kernel):
@@ -49,10 +48,11 @@ def first_stochastic_step(kernel):
     return 2 if kernel.closed_form_edge else 1
 
 
-def prior_term(kernel, x0):
-    """H_q(X^T | x^0) + E_{q(x^T | x^0)} log pi(x^T), per sequence."""
+def prior_kl(kernel, x0):
+    """KL( q(x^T | x^0) || pi ) = H(q(x^T | x^0), pi) - H_q(X^T | x^0) >= 0, per sequence: the
+    prior part of -ELBO (docs/math.md §2)."""
     log_q_T = kernel.q_marginal_log_probs(x0, kernel.T)
-    return (entropy(log_q_T) + cross_entropy_term(log_q_T, kernel.log_pi)).sum(-1)
+    return (cross_entropy(log_q_T, kernel.log_pi) - entropy(log_q_T)).sum(-1)
 
 
 def pi_correction_undefined(kernel):
@@ -74,7 +74,7 @@ def pi_correction(kernel, x0):
     if undefined is not None:
         raise ValueError(undefined)
     log_q_1 = kernel.q_marginal_log_probs(x0, 1)
-    return (kernel.log_pi[x0.long()] - cross_entropy_term(log_q_1, kernel.log_pi)).sum(-1)
+    return (kernel.log_pi[x0.long()] + cross_entropy(log_q_1, kernel.log_pi)).sum(-1)
 
 
 def papers_K_fields(kernel, x0, elbo_bits, weights=None):
@@ -88,18 +88,19 @@ def papers_K_fields(kernel, x0, elbo_bits, weights=None):
     return {"K_bits": elbo_bits - float(correction) / LN2}
 
 
-def closed_form_edge_term(kernel, x0):
-    """E_{q(x^1 | x^0)} log p(x^0 | x^1) for the paper's edge step, per sequence:
-    -H_q(X^1 | x^0) + log pi(x^0) - E_q log pi(x^1)."""
-    return -entropy(kernel.q_marginal_log_probs(x0, 1)).sum(-1) + pi_correction(kernel, x0)
+def closed_form_edge_nll(kernel, x0):
+    """-E_{q(x^1 | x^0)} log p(x^0 | x^1) for the paper's edge step, per sequence (docs/math.md §2):
+    H_q(X^1 | x^0) - (log pi(x^0) - E_q log pi(x^1)), the edge part of -ELBO."""
+    return entropy(kernel.q_marginal_log_probs(x0, 1)).sum(-1) - pi_correction(kernel, x0)
 
 
-def closed_form_terms(kernel, x0):
-    """All terms of the ELBO that need no network, per sequence."""
-    total = prior_term(kernel, x0)
+def closed_form_loss(kernel, x0):
+    """The part of -ELBO that needs no network, per sequence: prior_kl + (for kernels with the
+    paper's edge step) closed_form_edge_nll."""
+    loss = prior_kl(kernel, x0)
     if kernel.closed_form_edge:
-        total = total + closed_form_edge_term(kernel, x0)
-    return total
+        loss = loss + closed_form_edge_nll(kernel, x0)
+    return loss
 
 
 def log_prob_of(log_probs, x):
@@ -109,8 +110,8 @@ def log_prob_of(log_probs, x):
     return log_probs.expand(*shape, log_probs.shape[-1]).gather(-1, index.expand(*shape, 1)).squeeze(-1)
 
 
-def step_term(kernel, reverse_log_probs, x0, x_t, t):
-    """The loss of step t at one x^t, per sequence (its expectation over x^t enters -ELBO):
+def step_loss(kernel, reverse_log_probs, x0, x_t, t):
+    """L_t >= 0, the loss of step t at one x^t, per sequence (its expectation over x^t enters -ELBO):
 
     t >= 2:  KL( q(x^{t-1} | x^t, x^0) || p(x^{t-1} | x^t) )
     t = 1:   -log p(x^0 | x^1)        (only for kernels with a learned edge step)
@@ -147,15 +148,15 @@ def elbo_exact(kernel, reverse_log_probs, x0):
     Costs T x K^n network evaluations: a reference for tests and small cross-checks.
     """
     states = all_states(x0.shape[-1], kernel.num_states, dtype=kernel.log_pi.dtype).to(x0.device)
-    total = closed_form_terms(kernel, x0)
+    negative_elbo = closed_form_loss(kernel, x0)
     for t in range(first_stochastic_step(kernel), kernel.T + 1):
         log_q_t = kernel.q_marginal_log_probs(x0, t).unsqueeze(-3)  # (B, 1, n, K)
         weights = log_prob_of(log_q_t, states).sum(-1).exp()  # q(x^t = s | x^0), (B, S)
         log_p = reverse_log_probs(states, t)  # (S, n, K), shared by every x^0
-        terms = step_term(kernel, lambda x, s: log_p, x0.unsqueeze(-2), states, t)  # (B, S)
-        # states q cannot reach carry no weight, even where the model rules them out (inf terms)
-        total = total - torch.where(weights > 0, weights * terms, 0.0).sum(-1)
-    return total
+        losses = step_loss(kernel, lambda x, s: log_p, x0.unsqueeze(-2), states, t)  # (B, S)
+        # states q cannot reach carry no weight, even where the model rules them out (inf losses)
+        negative_elbo = negative_elbo + torch.where(weights > 0, weights * losses, 0.0).sum(-1)
+    return -negative_elbo
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,16 +175,16 @@ def negative_elbo_estimate(kernel, reverse_log_probs, x0, step_proposal=None):
     """Unbiased one-sample estimate of -ELBO(x^0) per sequence, for training.
 
     t ~ r(t) (uniform over the stochastic steps unless ``step_proposal``, a (T+1,) table of
-    probabilities, is given), x^t ~ q(x^t | x^0); the estimate is L_t(x^0, x^t) / r(t) minus
-    the closed-form terms, whose expectation is -ELBO for any r that is positive wherever
-    L_t can be.  The closed-form terms are added once, not once per step.
+    probabilities, is given), x^t ~ q(x^t | x^0); the estimate is L_t(x^0, x^t) / r(t) plus
+    the closed-form loss, whose expectation is -ELBO for any r that is positive wherever
+    L_t can be.  The closed-form loss is added once, not once per step.
     Returns (estimates, t, L_t).
     """
     probs = uniform_step_proposal(kernel) if step_proposal is None else step_proposal
     t = torch.multinomial(probs.float(), x0.shape[0], replacement=True)
     x_t = sample_x_t(kernel, x0, t)
-    terms = step_term(kernel, reverse_log_probs, x0, x_t, t)
-    return terms / probs[t] - closed_form_terms(kernel, x0), t, terms
+    losses = step_loss(kernel, reverse_log_probs, x0, x_t, t)
+    return losses / probs[t] + closed_form_loss(kernel, x0), t, losses
 
 
 def elbo_replicates(kernel, reverse_log_probs, x0, replicates=4, max_rows=65536):
@@ -205,22 +206,7 @@ def elbo_replicates(kernel, reverse_log_probs, x0, replicates=4, max_rows=65536)
             row = torch.arange(start, min(start + max_rows, total), device=x0.device)
             sequence, step, replicate = row % num, steps[(row // num) % len(steps)], row // (num * len(steps))
             x_t = sample_x_t(kernel, x0[sequence], step)
-            terms = step_term(kernel, reverse_log_probs, x0[sequence], x_t, step)
-            stochastic.index_add_(0, replicate * num + sequence, terms.to(stochastic.dtype))
-        return (closed_form_terms(kernel, x0) - stochastic.view(replicates, num)).T
+            losses = step_loss(kernel, reverse_log_probs, x0[sequence], x_t, step)
+            stochastic.index_add_(0, replicate * num + sequence, losses.to(stochastic.dtype))
+        return (-(closed_form_loss(kernel, x0) + stochastic.view(replicates, num))).T
 
-
-def mean_and_standard_error(replicates, weights=None):
-    """Mean over sequences of the per-sequence replicate means, and its Monte Carlo standard
-    error, from (N, R) replicate estimates (R >= 2).  With ``weights`` w_j (N,) summing to 1
-    (e.g. the counts of distinct sequences in a data set), the mean is sum_j w_j m_j and the
-    error sqrt(sum_j w_j^2 s_j^2 / R); without, w_j = 1/N."""
-    num, reps = replicates.shape
-    if reps < 2:
-        raise ValueError("a standard error needs at least two replicates")
-    if weights is None:
-        weights = torch.full((num,), 1.0 / num, dtype=replicates.dtype, device=replicates.device)
-    weights = weights.to(replicates)
-    mean = (weights * replicates.mean(1)).sum()
-    se = (weights.square() * replicates.var(1, unbiased=True)).sum().div(reps).sqrt()
-    return float(mean), float(se)

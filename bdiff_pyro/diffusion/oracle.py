@@ -33,8 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bdiff_pyro.diffusion.bound import (
-    LN2,
-    closed_form_terms,
+    closed_form_loss,
     elbo_replicates,
     entropy,
     first_stochastic_step,
@@ -43,6 +42,7 @@ from bdiff_pyro.diffusion.bound import (
 )
 from bdiff_pyro.diffusion.kernels import normalise
 from bdiff_pyro.errors import UserError
+from bdiff_pyro.util.stats import LN2, mean_and_standard_error
 
 
 def _check_support(patterns, weights, num_states):
@@ -184,7 +184,7 @@ def oracle_bound(kernel, patterns, weights=None, replicates=16, seed=0):
     stratified-over-t estimates (``bound.elbo_replicates``)."""
     oracle = OracleReverse(kernel, patterns, weights)
     estimates = oracle_elbo_replicates(oracle, replicates, seed)
-    return weighted_mean_and_se(estimates, oracle.weights)
+    return _mean_and_se_bits(estimates, oracle.weights)
 
 
 def oracle_elbo_replicates(oracle, replicates, seed, progress=False):
@@ -203,15 +203,12 @@ def oracle_elbo_replicates(oracle, replicates, seed, progress=False):
         return elbo_replicates(oracle.kernel, log_probs, x0, replicates, max_rows=max_rows)
 
 
-def weighted_mean_and_se(estimates, weights):
-    """sum_j w_j mean_r e_jr and its standard error sqrt(sum_j w_j^2 s_j^2 / R), in bits."""
-    num, reps = estimates.shape
-    if reps < 2:
-        raise UserError(f"a standard error needs at least two replicates (got {reps})")
-    weights = weights.to(estimates.dtype)
-    mean = (weights * estimates.mean(1)).sum()
-    se = ((weights ** 2) * estimates.var(1, unbiased=True)).sum().div(reps).sqrt()
-    return float(mean) / LN2, float(se) / LN2
+def _mean_and_se_bits(estimates, weights):
+    """(sum_j w_j mean_r e_jr, its standard error) in bits, from (M, R) estimates in nats."""
+    if estimates.shape[1] < 2:
+        raise UserError(f"a standard error needs at least two replicates (got {estimates.shape[1]})")
+    mean, se = mean_and_standard_error(estimates, weights)
+    return mean / LN2, se / LN2
 
 
 def _compositions(total, parts):
@@ -326,7 +323,7 @@ def oracle_elbo_exact(kernel, patterns, weights=None, max_configurations=200_000
         expected_counts = sizes[None, :, None, None] * kernel.log_Qbar[t][:, columns].exp()  # (S, G, M, K)
         negative_entropy = -entropy(log_posterior)[:, :, columns]  # (S, K, G, M)
         expected_loss += cross_entropy + torch.einsum("sgmk,skgm->m", expected_counts, negative_entropy)
-    return closed_form_terms(kernel, codes.to(dtype)) - expected_loss
+    return -(closed_form_loss(kernel, codes.to(dtype)) + expected_loss)
 
 
 def oracle_report(kernel, patterns, weights=None, replicates=16, seed=0, exact="auto", schedule=None, power=None,
@@ -351,7 +348,7 @@ def oracle_report(kernel, patterns, weights=None, replicates=16, seed=0, exact="
         elbo_bits, se_bits = float((w * per_pattern).sum()) / LN2, 0.0
     else:
         method = f"monte carlo, {replicates} replicates, seed {seed}"
-        elbo_bits, se_bits = weighted_mean_and_se(oracle_elbo_replicates(oracle, replicates, seed, progress), w)
+        elbo_bits, se_bits = _mean_and_se_bits(oracle_elbo_replicates(oracle, replicates, seed, progress), w)
     data_entropy = data_entropy_bits(w)
     beta_tilde = getattr(kernel, "beta_tilde", None)
     return {

@@ -38,6 +38,7 @@ from pyro.poutine.util import prune_subsample_sites
 
 from bdiff_pyro.errors import UserError
 from bdiff_pyro.programs.forward import forward_chain
+from bdiff_pyro.util.stats import effective_sample_size, log_mean_exp_with_se
 
 #: Largest number of joint states per time slice (K^n) that the exact computations accept
 #: by default: the enumerated tensors hold S^2 numbers per time step.
@@ -279,24 +280,6 @@ def importance_log_weights_sequential(process, x0_row, num_samples):
     trajectories = {f"x_{t}": torch.stack([tr.nodes[f"x_{t}"]["value"] for tr in posterior.exec_traces])
                     for t in range(1, process.T + 1)}
     return log_w, trajectories
-
-
-def log_mean_exp_with_se(log_w):
-    """log mean exp(log_w) over the last dimension and its delta-method standard error
-    sd(w) / (sqrt(S) mean(w)), computed with weights scaled by their maximum."""
-    S = log_w.shape[-1]
-    top = log_w.max(-1, keepdim=True).values
-    w = (log_w - top).exp()
-    mean = w.mean(-1)
-    estimate = mean.log() + top.squeeze(-1)
-    se = w.std(-1, unbiased=True) / (math.sqrt(S) * mean)
-    return estimate, se
-
-
-def effective_sample_size(log_w):
-    """Kish's effective sample size (sum w)^2 / sum w^2 over the last dimension: far below
-    S when a few weights dominate, and then the delta-method standard error is too small."""
-    return torch.exp(2 * torch.logsumexp(log_w, -1) - torch.logsumexp(2 * log_w, -1))
 
 
 def importance_log_likelihood(process, x0, num_samples=1000, chunk=4096, return_ess=False):

@@ -27,13 +27,12 @@ from bdiff_pyro.crosscheck import (
     make_process,
     periodic_patterns,
     plot_bounds,
-    prepare_output_dir,
     timed,
-    write_csv,
 )
 from bdiff_pyro.diffusion import bound
 from bdiff_pyro.errors import UserError
 from bdiff_pyro.programs import enumeration
+from bdiff_pyro.util.files import fresh_directory, write_csv
 
 HERE = Path(__file__).resolve().parent
 OUTPUT_FILES = ("compare.csv", "compare_scaling.csv", "compare.md", "compare_bounds.png", "compare_scaling.png")
@@ -162,7 +161,7 @@ def plot_scaling(scaling, config, path):
 def run(config_path, out_dir=None):
     """The grid, then the scaling study; returns the paths written."""
     config = load_config(config_path)
-    out = prepare_output_dir(out_dir, OUTPUT_FILES)
+    out = fresh_directory("compare", out_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(int(config.threads))
     try:
@@ -176,8 +175,8 @@ def run(config_path, out_dir=None):
     paths = {"out_dir": out, "csv": out / "compare.csv", "scaling_csv": out / "compare_scaling.csv",
              "table": out / "compare.md", "bounds_plot": out / "compare_bounds.png",
              "scaling_plot": out / "compare_scaling.png"}
-    write_csv(paths["csv"], rows)
-    write_csv(paths["scaling_csv"], scaling)
+    write_csv(paths["csv"], rows, exclusive=True)
+    write_csv(paths["scaling_csv"], scaling, exclusive=True)
     with open(paths["table"], "x") as handle:
         handle.write(grid_table(rows, config) + "\n" + scaling_table(scaling, config))
     plot_bounds(rows, config, paths["bounds_plot"])

@@ -34,13 +34,14 @@ import numpy as np
 import torch
 
 import bdiff_pyro
-from bdiff_pyro.baselines.mixture import COMPONENT_GRID, LN2, IndependentBernoulli, bits_per_sequence, select_mixture
+from bdiff_pyro.baselines.mixture import COMPONENT_GRID, IndependentBernoulli, bits_per_sequence, select_mixture
 from bdiff_pyro.config import load_config
 from bdiff_pyro.data.digits import digits_splits
-from bdiff_pyro.diffusion.bound import elbo_replicates, mean_and_standard_error
-from bdiff_pyro.evaluation import bound_report, membership
+from bdiff_pyro.diffusion.bound import elbo_replicates
+from bdiff_pyro.evaluation import bound_report
 from bdiff_pyro.plots import save_image_grid
 from bdiff_pyro.train import train
+from bdiff_pyro.util.stats import LN2, mean_and_standard_error, membership_fractions
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "experiments/configs/digits.yaml"
@@ -80,7 +81,7 @@ def baselines(splits, restarts, components=COMPONENT_GRID, log=print):
         "independent": {"test_bits": _per_image(independent_bits)[0], "test_se_images": _per_image(independent_bits)[1],
                         "val_bits": bits_per_sequence(independent.log_prob(splits["val"]))[0]},
         "mixture": {"test_bits": _per_image(mixture_bits)[0], "test_se_images": _per_image(mixture_bits)[1],
-                    "val_bits": val_bits, "K": mixture.num_components, "alpha": mixture.alpha,
+                    "val_bits": val_bits, "num_components": mixture.num_components, "alpha": mixture.alpha,
                     "gamma": mixture.gamma, "restarts": restarts, "grid": grid},
         "seconds": seconds,
     }, mixture_bits
@@ -113,7 +114,7 @@ def diffusion(config, config_path, run_dir, splits, replicates, existing_run=Non
         "test_se_images": _per_image(per_image_bits)[1], "replicates": replicates,
         "val_bits": -metrics["held_out"]["elbo_bits"], "train_bits": -metrics["train"]["elbo_bits"],
         "test_eval_seconds": eval_seconds,
-        "samples": membership(samples, splits["train"], torch.cat([splits["val"], splits["test"]])),
+        "samples": membership_fractions(samples, splits["train"], torch.cat([splits["val"], splits["test"]])),
     }, per_image_bits
 
 
@@ -132,7 +133,7 @@ def markdown(results, machine, command):
         "|---|---|---|---|",
         f"| independent Bernoulli (Laplace) | {ind['test_bits']:.2f} ± {ind['test_se_images']:.2f} | "
         f"{ind['val_bits']:.2f} | (with the mixture) |",
-        f"| mixture of Bernoullis (EM, K = {mix['K']}, alpha = {mix['alpha']:g}) | "
+        f"| mixture of Bernoullis (EM, {mix['num_components']} components, alpha = {mix['alpha']:g}) | "
         f"{mix['test_bits']:.2f} ± {mix['test_se_images']:.2f} | {mix['val_bits']:.2f} | {base['seconds']:.0f} |",
         f"| diffusion, T = {diff['T']}, {diff['steps']} steps (-ELBO, an upper bound) | "
         f"{diff['test_bits']:.2f} ± {diff['test_se_images']:.2f} (MC ± {diff['test_se_mc']:.3f}) | "
@@ -185,7 +186,7 @@ def main(argv=None):
     save_image_grid(model.sample(64, seed=0).cpu().numpy(), args.out / "samples_diffusion.png",
                     title=f"diffusion samples (T = {model.T})")
     save_image_grid(mixture.sample(64, seed=0), args.out / "samples_mixture.png",
-                    title=f"mixture of Bernoullis samples (K = {mixture.num_components})")
+                    title=f"mixture of Bernoullis samples ({mixture.num_components} components)")
     save_image_grid(splits["test"][:64].numpy(), args.out / "test_images.png", title="test images")
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown(results, machine, command)

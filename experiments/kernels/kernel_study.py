@@ -24,9 +24,10 @@ import yaml
 from bdiff_pyro.checkpoints import load_with_config
 from bdiff_pyro.config import DataConfig, apply_overrides, load_config
 from bdiff_pyro.data.datasets import heartbeat
-from bdiff_pyro.diffusion.bound import LN2, elbo_replicates, prior_term
+from bdiff_pyro.diffusion.bound import elbo_replicates, prior_kl
 from bdiff_pyro.errors import UserError
 from bdiff_pyro.train import train
+from bdiff_pyro.util.stats import LN2
 
 #: Kernels in table order; the 4-level data leaves out bernoulli (a K = 2 kernel).
 KERNEL_ORDER = ("bernoulli", "uniform", "absorbing", "gaussian")
@@ -143,10 +144,10 @@ def score(process, x0, replicates, seed, whole_distribution):
     mc_se = float(nll.var(1, unbiased=True).sum().div(replicates).sqrt() / num)
     data_se = None if whole_distribution or num < 2 else float(per_sequence.std(unbiased=True) / math.sqrt(num))
     with torch.no_grad():
-        prior_kl = float(-prior_term(process.kernel, x0.to(process.kernel.log_pi.dtype)).mean()) / LN2
-    prior_kl = prior_kl if prior_kl > 0 else 0.0  # a KL: -0.0 and tiny negatives are rounding
+        prior_kl_bits = float(prior_kl(process.kernel, x0.to(process.kernel.log_pi.dtype)).mean()) / LN2
+    prior_kl_bits = prior_kl_bits if prior_kl_bits > 0 else 0.0  # a KL: -0.0 and tiny negatives are rounding
     return {"nll_bits": float(per_sequence.mean()), "mc_se_bits": mc_se, "data_se_bits": data_se,
-            "prior_kl_bits": prior_kl, "per_sequence_bits": per_sequence.tolist()}
+            "prior_kl_bits": prior_kl_bits, "per_sequence_bits": per_sequence.tolist()}
 
 
 def independent_baseline_bits(train_x, test_x, levels):

@@ -38,7 +38,7 @@ from kernel_study import (
 )
 
 from bdiff_pyro.errors import UserError
-from bdiff_pyro.train import new_run_dir
+from bdiff_pyro.util.files import fresh_directory
 
 HERE = Path(__file__).resolve().parent
 
@@ -79,7 +79,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     cells = plan(args.datasets, args.kernels, args.configs, args.set, args.include_duplicates)
-    out = new_run_dir("kernels", args.out)
+    out = fresh_directory("kernels", args.out)
     machine_module = _benchmark_machine()
     machine = machine_module.machine_description()
     command = machine_module.command_line()

@@ -7,23 +7,22 @@ independent Monte Carlo estimate with its standard error is recorded beside it a
 ``schedules.py`` beside it is the script.
 """
 
-import csv
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from bdiff_pyro.diffusion.bound import LN2, entropy, pi_correction
+from bdiff_pyro.diffusion.bound import entropy, pi_correction
 from bdiff_pyro.diffusion.kernels import BernoulliKernel
 from bdiff_pyro.diffusion.oracle import (
     OracleReverse,
     data_entropy_bits,
     oracle_elbo_exact,
     oracle_elbo_replicates,
-    weighted_mean_and_se,
 )
 from bdiff_pyro.diffusion.schedules import make_beta_tilde
+from bdiff_pyro.util.stats import LN2, mean_and_standard_error
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,8 @@ def evaluate(spec, T, patterns, weights=None, replicates=0, seed=0):
     }
     if replicates >= 2:
         estimates = oracle_elbo_replicates(oracle, replicates, seed)
-        row["mc_elbo_bits"], row["mc_se_bits"] = weighted_mean_and_se(estimates, w)
+        mean, se = mean_and_standard_error(estimates, w)
+        row["mc_elbo_bits"], row["mc_se_bits"] = mean / LN2, se / LN2
     return row
 
 
@@ -143,14 +143,6 @@ def T_for_gap(spec, patterns, weights, target, known=(), max_T=16000, tolerance=
 
 CSV_FIELDS = ("schedule", "T", "pi_1", "beta_tilde_1", "elbo_bits", "K_bits", "gap_bits", "edge_entropy_bits",
               "mc_elbo_bits", "mc_se_bits", "mc_replicates")
-
-
-def write_csv(rows, path):
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: row[key] for key in CSV_FIELDS})
 
 
 def markdown_tables(rows, searches=(), data_log_likelihood=None):

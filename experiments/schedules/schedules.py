@@ -15,13 +15,13 @@ import sys
 import time
 
 import torch
-from schedule_study import DEFAULT_SPECS, DEFAULT_TS, T_for_gap, markdown_tables, plot_gaps, run_study, write_csv
+from schedule_study import CSV_FIELDS, DEFAULT_SPECS, DEFAULT_TS, T_for_gap, markdown_tables, plot_gaps, run_study
 from tqdm import tqdm
 
 from bdiff_pyro.data.datasets import heartbeat
 from bdiff_pyro.diffusion.oracle import data_entropy_bits
 from bdiff_pyro.errors import UserError
-from bdiff_pyro.train import new_run_dir
+from bdiff_pyro.util.files import fresh_directory, write_csv
 
 
 def parse_args(argv):
@@ -48,14 +48,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.replicates == 1:
         raise UserError("--replicates must be 0 (no check) or at least 2")
-    out = new_run_dir("schedule_study", args.out)
+    out = fresh_directory("schedule_study", args.out)
     patterns = heartbeat(args.n, args.period).double()
     log_likelihood = -data_entropy_bits(torch.ones(len(patterns)))
     print(f"output directory: {out}")
     start = time.time()
     with tqdm(total=len(DEFAULT_SPECS) * sum(args.T), unit="step", desc="grid") as bar:
         rows = run_study(patterns, None, DEFAULT_SPECS, args.T, args.replicates, args.seed, progress=bar.update)
-    write_csv(rows, out / "study.csv")
+    write_csv(out / "study.csv", rows, CSV_FIELDS)
     searches = []
     if args.target_gap > 0:
         with tqdm(unit="step", desc=f"T for gap {args.target_gap}") as bar:

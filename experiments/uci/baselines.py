@@ -117,7 +117,7 @@ def run_dataset(dataset, data, config, seed, log):
         train, valid, components=mix["components"], alphas=mix["alphas"], restarts=mix["restarts"],
         max_iter=mix["max_iter"], seed=seed, log=log))
     rows.append(evaluate("mixture of Bernoullis", model, test, seconds,
-                         f"K={model.num_components}, alpha={model.alpha:g}",
+                         f"components={model.num_components}, alpha={model.alpha:g}",
                          -float(model.log_prob(valid).mean()), dataset))
     log(f"{dataset}: mixture of Bernoullis {rows[-1]['test_nll']:.3f} nats ({rows[-1]['selected']})")
 

@@ -116,10 +116,10 @@ def _tiny_data(num=60, n=5, seed=0, clusters=3):
 
 
 @pytest.mark.parametrize("alpha, gamma", [(0.0, 0.0), (0.5, 1.0), (1.0, 0.0)])
-@pytest.mark.parametrize("K", [2, 4])
-def test_em_objective_never_decreases(K, alpha, gamma):
-    x = _tiny_data(num=80, n=6, seed=K)
-    model = fit_mixture(x, K, alpha=alpha, gamma=gamma, max_iter=200, tol=0.0, seed=3)
+@pytest.mark.parametrize("num_components", [2, 4])
+def test_em_objective_never_decreases(num_components, alpha, gamma):
+    x = _tiny_data(num=80, n=6, seed=num_components)
+    model = fit_mixture(x, num_components, alpha=alpha, gamma=gamma, max_iter=200, tol=0.0, seed=3)
     history = np.array(model.history)
     assert len(history) > 5
     assert (np.diff(history) >= -1e-9).all(), np.diff(history).min()
@@ -134,9 +134,9 @@ def test_em_log_likelihood_never_decreases_on_digits(splits):
 
 def test_mixture_log_prob_equals_brute_force():
     rng = np.random.default_rng(1)
-    K, n = 3, 4
-    weights = rng.dirichlet(np.ones(K))
-    probs = rng.uniform(0.05, 0.95, size=(K, n))
+    num_components, n = 3, 4
+    weights = rng.dirichlet(np.ones(num_components))
+    probs = rng.uniform(0.05, 0.95, size=(num_components, n))
     model = BernoulliMixture(np.log(weights), probs)
     x = all_sequences(n)
     np.testing.assert_allclose(model.log_prob(x), _brute_force_log_prob(x, weights, probs), rtol=0, atol=1e-12)
@@ -146,10 +146,10 @@ def test_mixture_log_prob_equals_brute_force():
                                _brute_force_log_prob(data, np.exp(fitted.log_weights), fitted.probs), atol=1e-12)
 
 
-@pytest.mark.parametrize("K, alpha", [(1, 1.0), (3, 0.5), (6, 0.0)])
-def test_mixture_probabilities_sum_to_one(K, alpha):
+@pytest.mark.parametrize("num_components, alpha", [(1, 1.0), (3, 0.5), (6, 0.0)])
+def test_mixture_probabilities_sum_to_one(num_components, alpha):
     n = 6
-    model = fit_mixture(_tiny_data(n=n, seed=2), K, alpha=alpha, seed=1)
+    model = fit_mixture(_tiny_data(n=n, seed=2), num_components, alpha=alpha, seed=1)
     total = np.exp(model.log_prob(all_sequences(n))).sum()
     assert total == pytest.approx(1.0, abs=1e-12)
     assert np.exp(model.log_weights).sum() == pytest.approx(1.0, abs=1e-12)

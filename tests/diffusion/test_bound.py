@@ -10,14 +10,18 @@ from helpers import KERNEL_CASES, make_kernel_process, make_process
 
 from bdiff_pyro.diffusion.bound import (
     all_states,
+    closed_form_edge_nll,
+    closed_form_loss,
+    cross_entropy,
     elbo_exact,
     elbo_replicates,
     entropy,
     log_prob_of,
-    mean_and_standard_error,
     negative_elbo_estimate,
     pi_correction,
+    prior_kl,
 )
+from bdiff_pyro.util.stats import mean_and_standard_error
 
 
 def brute_force_elbo(process, x0):
@@ -62,16 +66,41 @@ def test_pi_correction_and_the_papers_K(pi_1):
             assert abs(expected) < 1e-12
     with torch.no_grad():
         elbo = elbo_exact(kernel, process.log_probs, x0)
-        kl_sum = -(elbo_exact(kernel, process.log_probs, x0) - _closed(kernel, x0))
+        kl_sum = -elbo_exact(kernel, process.log_probs, x0) - closed_form_loss(kernel, x0)
     h_pi = -(kernel.pi * kernel.log_pi).sum()
     K = (-kl_sum + entropy(kernel.q_marginal_log_probs(x0, 4)).sum(-1)
          - entropy(kernel.q_marginal_log_probs(x0, 1)).sum(-1) - 3 * h_pi)
     assert torch.allclose(elbo - pi_correction(kernel, x0), K, atol=1e-12)
 
 
-def _closed(kernel, x0):
-    from bdiff_pyro.diffusion.bound import closed_form_terms
-    return closed_form_terms(kernel, x0)
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[0]}{c[1]}")
+def test_every_loss_term_is_a_positive_number_equal_to_its_brute_force_sum(case):
+    """cross_entropy, prior_kl and closed_form_edge_nll against sums over every x^T / x^1 in
+    {0..K-1}^n written from their definitions, and each >= 0 (docs/math.md §2)."""
+    process = make_kernel_process(case, n=2, T=3)
+    kernel = process.kernel
+    states = all_states(2, kernel.num_states)
+    log_pi_joint = log_prob_of(kernel.prior_log_probs((len(states), 2)), states).sum(-1)  # log pi(x), (S,)
+    for x0 in states:
+        q_T = log_prob_of(kernel.q_marginal_log_probs(x0, kernel.T), states).sum(-1).exp()  # q(x^T | x^0)
+        reachable = q_T > 0
+        expected_kl = float((q_T[reachable] * (q_T[reachable].log() - log_pi_joint[reachable])).sum())
+        assert math.isclose(float(prior_kl(kernel, x0)), expected_kl, rel_tol=1e-10, abs_tol=1e-12)
+        assert float(prior_kl(kernel, x0)) >= -1e-12
+        log_q_T = kernel.q_marginal_log_probs(x0, kernel.T)
+        expected_ce = float(-(q_T[reachable] * log_pi_joint[reachable]).sum()) if bool(torch.isfinite(
+            log_pi_joint[reachable]).all()) else math.inf
+        assert math.isclose(float(cross_entropy(log_q_T, kernel.log_pi).sum()), expected_ce, rel_tol=1e-10)
+        assert float(cross_entropy(log_q_T, kernel.log_pi).sum()) >= 0
+        if kernel.closed_form_edge:
+            q_1 = log_prob_of(kernel.q_marginal_log_probs(x0, 1), states).sum(-1).exp()  # q(x^1 | x^0)
+            log_edge = log_prob_of(kernel.edge_log_probs(states), x0).sum(-1)  # log p(x^0 | x^1)
+            expected_nll = float(-(q_1 * log_edge).sum())
+            assert math.isclose(float(closed_form_edge_nll(kernel, x0)), expected_nll, rel_tol=1e-10, abs_tol=1e-12)
+            assert expected_nll >= 0
+            assert math.isclose(float(closed_form_loss(kernel, x0)), expected_kl + expected_nll, rel_tol=1e-10)
+        else:
+            assert math.isclose(float(closed_form_loss(kernel, x0)), expected_kl, rel_tol=1e-10, abs_tol=1e-12)
 
 
 @pytest.mark.parametrize("pi_1", [0.5, 0.2])

@@ -92,16 +92,16 @@ def test_analytic_bound_equals_trace_enum_for_every_kernel(case, parameterisatio
 def test_per_sequence_steps_match_one_step_at_a_time_with_finite_gradients(case, parameterisation, inputs):
     """The training path (one t per sequence, t = 1 rows for learned edges) equals step-by-step
     evaluation, and its gradient is finite even where a kernel has zeros (absorbing)."""
-    from bdiff_pyro.diffusion.bound import sample_x_t, step_term
+    from bdiff_pyro.diffusion.bound import sample_x_t, step_loss
     process = make_kernel_process(case, n=2, T=4, parameterisation=parameterisation, inputs=inputs)
     x0 = all_states(2, case[1]).repeat(4, 1)
     first = 2 if process.kernel.closed_form_edge else 1
     t = first + torch.arange(len(x0)) % (process.T + 1 - first)
     x_t = sample_x_t(process.kernel, x0, t)
-    terms = step_term(process.kernel, process.log_probs, x0, x_t, t)
+    terms = step_loss(process.kernel, process.log_probs, x0, x_t, t)
     for s in range(first, process.T + 1):
         rows = t == s
-        alone = step_term(process.kernel, process.log_probs, x0[rows], x_t[rows], s)
+        alone = step_loss(process.kernel, process.log_probs, x0[rows], x_t[rows], s)
         assert torch.allclose(terms[rows], alone, rtol=1e-12, atol=1e-12)
     terms.sum().backward()
     for name, p in process.named_parameters():

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
-from bdiff_pyro.diffusion.bound import LN2, all_states, elbo_exact, log_prob_of
+from bdiff_pyro.diffusion.bound import all_states, elbo_exact, log_prob_of
 from bdiff_pyro.diffusion.kernels import BernoulliKernel
 from bdiff_pyro.diffusion.oracle import (
     OracleReverse,
@@ -28,6 +28,7 @@ from bdiff_pyro.diffusion.oracle import (
 )
 from bdiff_pyro.diffusion.schedules import make_beta_tilde
 from bdiff_pyro.evaluation import oracle_for_config, oracle_samples_report
+from bdiff_pyro.util.stats import LN2
 
 SUPPORTS = {
     # (patterns, weights): two or three patterns on n = 3 bits

@@ -177,7 +177,7 @@ def test_oracle_command_for_a_kernel_without_pi_1():
                      "--set", "model.T=20", "--samples", "100", "--json"])
     assert code == 0
     summary, drawn, as_json = out.getvalue().strip().splitlines()
-    assert summary.startswith("oracle K* = ") and "schedule cosine; data log-likelihood" in summary
+    assert summary.startswith("oracle ELBO = ") and "schedule cosine; data log-likelihood" in summary
     assert "pi_1" not in summary
     assert drawn.startswith("of 100 oracle samples (seed 0): ")
     report = strict_json(as_json)

@@ -14,9 +14,10 @@ from bdiff_pyro import diagnostics
 from bdiff_pyro.checkpoints import load
 from bdiff_pyro.config import load_config
 from bdiff_pyro.data import load_dataset
-from bdiff_pyro.diffusion.bound import LN2, elbo_replicates, mean_and_standard_error
+from bdiff_pyro.diffusion.bound import elbo_replicates
 from bdiff_pyro.errors import UserError
 from bdiff_pyro.train import train
+from bdiff_pyro.util.stats import LN2, mean_and_standard_error
 
 pytestmark = pytest.mark.slow  # ArviZ diagnostics of a trained run
 
@@ -53,7 +54,7 @@ def test_datatree_on_disk_reopens_with_groups_dims_and_variables(tiny_run, diagn
     dataset = load_dataset(load_config(tiny_run / "config.yaml").data)
     assert np.array_equal(observed.values, dataset.train.numpy())
     stats = tree["sample_stats"]
-    for name in ("K", "num_ones", "nearest_distance", "is_train", "is_held_out", "is_other", "phase"):
+    for name in ("elbo", "num_ones", "nearest_distance", "is_train", "is_held_out", "is_other", "phase"):
         assert stats[name].dims == ("chain", "draw"), name
     # each chain is an independent sampling run with its own seed, reproducible from the file
     model = load(tiny_run)
@@ -69,9 +70,23 @@ def test_datatree_on_disk_reopens_with_groups_dims_and_variables(tiny_run, diagn
     assert np.array_equal(stats["is_train"].values.ravel().astype(bool), in_train)
     assert np.array_equal(stats["nearest_distance"].values == 0, stats["is_train"].values == 1)
     assert set(np.unique(stats["phase"].values)) <= set(range(-1, 5))
-    # K: the mean over draws is the reported estimate, in bits/seq
-    assert diagnosed["K_bits"] == pytest.approx(float(stats["K"].mean()))
-    assert stats["K"].attrs["units"] == "bits/seq"
+    # the ELBO: the mean over draws is the reported estimate, in bits/seq
+    assert diagnosed["elbo_bits"] == pytest.approx(float(stats["elbo"].mean()))
+    assert stats["elbo"].attrs["units"] == "bits/seq"
+
+
+def test_a_file_that_calls_the_elbo_K_opens_with_it_named_elbo(tiny_run, diagnosed, tmp_path):
+    """diagnostics.nc files written before the rename hold the ELBO draws as ``K``."""
+    tree = diagnostics.open_diagnostics(diagnosed["files"]["datatree"])
+    old = tree.copy()
+    old["sample_stats"] = xr.DataTree(tree["sample_stats"].to_dataset().rename({"elbo": "K"}))
+    old.to_netcdf(tmp_path / "old.nc", engine="h5netcdf")
+    assert "K" in xr.open_datatree(tmp_path / "old.nc", engine="h5netcdf")["sample_stats"]
+    reopened = diagnostics.open_diagnostics(tmp_path / "old.nc")
+    stats = reopened["sample_stats"]
+    assert "K" not in stats and np.array_equal(stats["elbo"].values, tree["sample_stats"]["elbo"].values)
+    assert stats["elbo"].attrs["units"] == "bits/seq"
+    assert np.array_equal(stats["num_ones"].values, tree["sample_stats"]["num_ones"].values)
 
 
 def test_summary_files_and_plots(tiny_run, diagnosed):
@@ -83,16 +98,16 @@ def test_summary_files_and_plots(tiny_run, diagnosed):
     table = diagnosed["summary"]
     for column in ("mean", "sd", "hdi94_lb", "hdi94_ub", "ess_bulk", "ess_tail", "r_hat", "mcse_mean", "data"):
         assert column in table.columns, column
-    for row in ("K", "num_ones", "nearest_distance", "is_train", "phase_frequency[0]", "rate[19]"):
+    for row in ("elbo", "num_ones", "nearest_distance", "is_train", "phase_frequency[0]", "rate[19]"):
         assert row in table.index, row
     csv = files["summary_csv"].read_text()
     assert csv.startswith("statistic,data,mean") and "rate[19]" in csv
     markdown = files["summary_md"].read_text()
-    k = table.loc["K"]
-    assert f"K = {k['mean']:.4f} ± {k['mcse_mean']:.4f} bits/seq" in markdown
+    k = table.loc["elbo"]
+    assert f"ELBO = {k['mean']:.4f} ± {k['mcse_mean']:.4f} bits/seq" in markdown
     assert "| num_ones |" in markdown
     # the HDI really is the highest-density interval (arviz-stats 0.8.0's summary computes an ETI)
-    values = np.sort(xr.open_datatree(files["datatree"])["sample_stats"]["K"].values.ravel())
+    values = np.sort(xr.open_datatree(files["datatree"])["sample_stats"]["elbo"].values.ravel())
     width = k["hdi94_ub"] - k["hdi94_lb"]
     inside = np.mean((values >= k["hdi94_lb"]) & (values <= k["hdi94_ub"]))
     assert inside == pytest.approx(0.94, abs=0.01)
@@ -128,7 +143,7 @@ def test_never_overwrites_earlier_results(tiny_run, tmp_path):
 def _tree_of(chains_of_samples, dataset):
     samples = np.stack(chains_of_samples)
     stats = diagnostics.draw_statistics(samples, dataset)
-    stats["K"] = np.random.default_rng(0).normal(size=samples.shape[:2])  # not under test here
+    stats["elbo"] = np.random.default_rng(0).normal(size=samples.shape[:2])  # not under test here
     return diagnostics.build_datatree(samples, dataset, stats, attrs={"chains": len(samples),
                                                                       "draws": samples.shape[1], "seed": 0})
 
@@ -158,20 +173,20 @@ def test_ess_of_independent_draws_and_mcse_of_k_match_the_bound_estimator(tiny_r
     k = diagnostics.bound_draws(process, dataset.val, draws, diagnostics.chain_seeds(0, chains, stream=1))
     samples = diagnostics.generate(process, chains, draws, diagnostics.chain_seeds(0, chains))
     stats = diagnostics.draw_statistics(samples, dataset)
-    stats["K"] = k
+    stats["elbo"] = k
     table = diagnostics.summarise(diagnostics.build_datatree(samples, dataset, stats), dataset)
     total = chains * draws
-    for name in ("K", "num_ones"):
+    for name in ("elbo", "num_ones"):
         assert 0.8 * total < table.loc[name, "ess_bulk"] < 1.2 * total, (name, table.loc[name, "ess_bulk"])
     # the same kind of replicates, scored by the bound module's own standard error
     with torch.random.fork_rng():
         torch.manual_seed(123)
         replicates = elbo_replicates(process.kernel, process.log_probs, dataset.val, total)
     mean, se = mean_and_standard_error(replicates)
-    assert table.loc["K", "mcse_mean"] == pytest.approx(se / LN2, rel=0.2)
-    assert table.loc["K", "mean"] == pytest.approx(mean / LN2, abs=5 * se / LN2)
+    assert table.loc["elbo", "mcse_mean"] == pytest.approx(se / LN2, rel=0.2)
+    assert table.loc["elbo", "mean"] == pytest.approx(mean / LN2, abs=5 * se / LN2)
     # and a correlated chain is caught: repeating each draw 4 times leaves a quarter of the ESS
     repeated = np.repeat(k[:, : draws // 4], 4, axis=1)
-    stats["K"] = repeated
+    stats["elbo"] = repeated
     table = diagnostics.summarise(diagnostics.build_datatree(samples, dataset, stats), dataset)
-    assert table.loc["K", "ess_bulk"] < 0.5 * total
+    assert table.loc["elbo", "ess_bulk"] < 0.5 * total

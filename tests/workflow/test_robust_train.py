@@ -3,7 +3,6 @@ evaluation, checkpoints that could run code.  Every CLI failure is one line on s
 traceback and leaves no stray run directory."""
 
 import errno
-import io
 import json
 import math
 import subprocess
@@ -21,8 +20,10 @@ from bdiff_pyro import diagnostics as diagnostics_module
 from bdiff_pyro import memory as memory_module
 from bdiff_pyro import train as train_module
 from bdiff_pyro.config import load_config
-from bdiff_pyro.diffusion.bound import LN2, elbo_exact
+from bdiff_pyro.diffusion.bound import elbo_exact
 from bdiff_pyro.evaluation import bound_report
+from bdiff_pyro.util.files import write_atomically
+from bdiff_pyro.util.stats import LN2
 
 pytestmark = pytest.mark.slow  # end-to-end training runs through the command line
 
@@ -240,19 +241,17 @@ def _raise_enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-class _FullDisk(io.RawIOBase):
-    def writable(self):
-        return True
+def _on_a_full_disk(real_write_atomically):
+    """The atomic write on a disk with no space left: part of the file reaches the temporary
+    file, then the write fails."""
+    def write_atomically(path, write):
+        def fill_then_fail(temporary):
+            temporary.write_bytes(b"partial")
+            _raise_enospc()
 
-    def write(self, data):
-        _raise_enospc()
+        return real_write_atomically(path, fill_then_fail)
 
-
-def _full_disk(handle, *args, **kwargs):
-    """os.fdopen on a disk with no space left: the descriptor is closed, every write fails."""
-    import os
-    os.close(handle)
-    return _FullDisk()
+    return write_atomically
 
 
 def test_out_of_memory_at_the_first_step_leaves_no_run_directory(in_tmp, monkeypatch):
@@ -265,20 +264,20 @@ def test_out_of_memory_at_the_first_step_leaves_no_run_directory(in_tmp, monkeyp
 
 
 def test_disk_full_at_the_first_checkpoint(in_tmp, monkeypatch):
-    monkeypatch.setattr(checkpoints_module.os, "fdopen", _full_disk)
+    monkeypatch.setattr(checkpoints_module, "write_atomically", _on_a_full_disk(write_atomically))
     assert_one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", in_tmp / "run", *sets(*TINY)),
              "No space left on device")
     assert not (in_tmp / "run").exists()
 
 
 def test_disk_full_later_keeps_the_previous_checkpoint(in_tmp, monkeypatch):
-    real_fdopen, writes = checkpoints_module.os.fdopen, {"n": 0}
+    writes, full = {"n": 0}, _on_a_full_disk(write_atomically)
 
-    def fills_up(*args, **kwargs):
+    def fills_up(path, write):
         writes["n"] += 1
-        return real_fdopen(*args, **kwargs) if writes["n"] == 1 else _full_disk(*args)
+        return write_atomically(path, write) if writes["n"] == 1 else full(path, write)
 
-    monkeypatch.setattr(checkpoints_module.os, "fdopen", fills_up)
+    monkeypatch.setattr(checkpoints_module, "write_atomically", fills_up)
     out = in_tmp / "run"
     assert_one_line(bdiff("train", HEARTBEAT, "--quiet", "--out", out, *sets(*TINY)), "No space left on device")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"] == 10
@@ -395,8 +394,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 
 def test_the_final_evaluation_shows_progress(capsys):
     process = make_process(n=3, T=3)
-    bound_report(process, torch.zeros(4, 3, dtype=torch.float64), replicates=2, progress="K on held-out data")
-    assert "K on held-out data" in capsys.readouterr().err
+    bound_report(process, torch.zeros(4, 3, dtype=torch.float64), replicates=2, progress="ELBO on held-out data")
+    assert "ELBO on held-out data" in capsys.readouterr().err
 
 
 def test_the_two_k_values_at_the_end_are_labelled(tmp_path):
@@ -406,7 +405,7 @@ def test_the_two_k_values_at_the_end_are_labelled(tmp_path):
     assert "on the held-out data (5 sequences, 2 replicates stratified over t)" in stdout
     assert "on the training data (5 sequences, 2 replicates stratified over t)" in stdout
     assert "each draw one replicate stratified over t on 5 of the 5 held-out sequences" in stdout
-    assert "the diagnostics' K above estimates the same held-out K" in stdout
+    assert "the diagnostics' ELBO above estimates the same held-out ELBO" in stdout
 
 
 # ---------------------------------------------------------------------------------------
