@@ -1,12 +1,12 @@
 """What a trained model is judged by: the bound on data (bits/seq with a standard error)
 and where its samples fall (training set, held-out set, neither)."""
 
-import copy
 import math
 
 import torch
 from tqdm.auto import tqdm
 
+from bdiff_pyro.config import model_spec
 from bdiff_pyro.diffusion.bound import (
     LN2,
     elbo_replicates,
@@ -16,6 +16,7 @@ from bdiff_pyro.diffusion.bound import (
 )
 from bdiff_pyro.diffusion.oracle import OracleReverse, oracle_report
 from bdiff_pyro.memory import rows_per_chunk
+from bdiff_pyro.programs.reverse import kernel_from_spec
 
 
 def bound_report(process, x0, replicates=8, seed=0, distinct=False, max_sequences=None, progress=False):
@@ -149,17 +150,16 @@ def oracle_for_config(config, replicates=None, seed=None, exact="auto", samples=
     training.  With ``samples`` > 0, also :func:`oracle_samples_report` of that many samples.
     ``progress``: bars for the Monte Carlo bound and the samples.
     """
-    from bdiff_pyro.checkpoints import build_kernel
     from bdiff_pyro.data import load_dataset
     from bdiff_pyro.train import resolve_config
 
     dataset = load_dataset(config.data)
-    config = resolve_config(copy.deepcopy(config), dataset)
+    config = resolve_config(config, dataset)
     if dataset.support is not None:
         patterns, weights = dataset.support, None
     else:
         patterns, weights = torch.unique(dataset.train, dim=0, return_counts=True)
-    kernel = build_kernel(config.model, config.data.levels).double()
+    kernel = kernel_from_spec(model_spec(config, dataset.n)).double()
     report = oracle_report(kernel, patterns, weights,
                            replicates=config.evaluate.replicates if replicates is None else replicates,
                            seed=config.seed if seed is None else seed, exact=exact,

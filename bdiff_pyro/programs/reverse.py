@@ -42,12 +42,13 @@ from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from torch.nn import functional as F
 
-from bdiff_pyro.diffusion.kernels import normalise, posterior_table
+from bdiff_pyro import registry
+from bdiff_pyro.diffusion.kernels import make_kernel, normalise, posterior_table
+from bdiff_pyro.diffusion.schedules import make_beta_tilde
 from bdiff_pyro.errors import UserError
 from bdiff_pyro.programs.sites import state_dist
-
-PARAMETERISATIONS = ("direct", "x0")
-INPUTS = ("state", "evidence", "log_evidence")
+from bdiff_pyro.programs.spec import ModelSpec
+from bdiff_pyro.registry import INPUTS, PARAMETERISATIONS
 
 
 def _per_state(table, t, x):
@@ -94,6 +95,12 @@ def binary_mixture_logits(log_posterior, x_t, x0_logits):
     return p1.log() - p0.log()
 
 
+def kernel_from_spec(spec: ModelSpec):
+    """The forward kernel a spec names (``make_kernel`` on the ``make_beta_tilde`` schedule)."""
+    beta_tilde = make_beta_tilde(spec.schedule, spec.T, spec.schedule_power)
+    return make_kernel(spec.kernel, beta_tilde, spec.num_states, 0.5 if spec.pi_1 is None else spec.pi_1)
+
+
 class ReverseProcess(PyroModule):
     """p_theta(x^{0:T}): a kernel (its prior and edge step) plus a shared reverse network.
 
@@ -114,7 +121,8 @@ class ReverseProcess(PyroModule):
                                 "which this kernel does not have; use evidence")
         expected = self.num_features(kernel, inputs)
         if net.num_features != expected:
-            raise ValueError(f"{inputs!r} inputs give {expected} features per position; the network takes {net.num_features}")
+            raise ValueError(f"{inputs!r} inputs give {expected} features per position; "
+                             f"the network takes {net.num_features}")
         self.kernel = kernel
         self.net = net
         self.parameterisation = parameterisation
@@ -122,6 +130,17 @@ class ReverseProcess(PyroModule):
         self.add_own_evidence = add_own_evidence and inputs != "state"
         # Every layer must go through pyro.param to be trained by SVI (see README, pitfalls).
         to_pyro_module_(self.net)
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> "ReverseProcess":
+        """A freshly initialised float32 reverse process as ``spec`` describes it: the kernel
+        through ``make_kernel`` / ``make_beta_tilde``, the network through ``registry.NETWORKS``."""
+        kernel = kernel_from_spec(spec)
+        network = registry.resolve(registry.NETWORKS, spec.network, "network")
+        net = network(spec.n, kernel.num_states, hidden=tuple(spec.hidden), activation=spec.activation,
+                      time_embedding=spec.time_embedding, num_features=cls.num_features(kernel, spec.inputs),
+                      film=spec.film)
+        return cls(kernel, net, spec.parameterisation, spec.inputs, spec.add_own_evidence).float()
 
     @staticmethod
     def num_features(kernel, inputs):
