@@ -115,7 +115,7 @@ def process_from_payload(path, payload) -> ReverseProcess:
         process.load_state_dict(weights)
     except RuntimeError as error:
         first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
-        raise UserError(f"{path}: weights do not match the model its config describes ({first})") from None
+        raise UserError(f"{path}: weights do not match the model the checkpoint describes ({first})") from None
     problem = non_finite_model(process)
     if problem:
         raise UserError(f"{path}: {problem}; the run that wrote it diverged, it cannot be sampled or evaluated")
