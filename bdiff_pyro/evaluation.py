@@ -17,6 +17,7 @@ from bdiff_pyro.diffusion.bound import (
 from bdiff_pyro.diffusion.oracle import OracleReverse, oracle_report
 from bdiff_pyro.memory import rows_per_chunk
 from bdiff_pyro.programs.reverse import kernel_from_spec
+from bdiff_pyro.programs.sampling import ancestral_sample
 
 
 def bound_report(process, x0, replicates=8, seed=0, distinct=False, max_sequences=None, progress=False):
@@ -137,7 +138,8 @@ def oracle_samples_report(oracle, num, seed, progress=False):
     the best-bound reverse process of this kernel and T gives: the reference for a trained
     model's fraction) and the fraction equal to each pattern."""
 
-    fractions = pattern_histogram(oracle.sample(num, seed=seed, progress=progress), oracle.patterns)
+    samples = ancestral_sample(oracle, num, seed, progress=progress and "oracle samples")
+    fractions = pattern_histogram(samples, oracle.patterns)
     return {"num": num, "seed": seed, "in_support": sum(fractions), "pattern_fractions": fractions}
 
 
