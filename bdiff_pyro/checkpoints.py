@@ -1,50 +1,33 @@
-"""Building a model from its configuration, and saving / loading checkpoints atomically.
+"""Saving and loading checkpoints atomically.
 
-A checkpoint is a dict holding the resolved configuration next to the weights, so it
-reloads without guessing how it was made.  It holds only tensors, numbers, strings and plain
-containers, and is read with ``torch.load(weights_only=True)``: a checkpoint from someone else
-cannot run code when it is loaded.  Format 2 adds nothing but that promise; format-1
-checkpoints that keep it load as well.
+A checkpoint is a dict holding the model's spec (``programs.spec.ModelSpec``, as a dict) and the
+resolved configuration next to the weights, so it reloads without guessing how it was made.
+It holds only tensors, numbers, strings and plain containers, and is read with
+``torch.load(weights_only=True)``: a checkpoint from someone else cannot run code when it is
+loaded.  Format 2 adds nothing but that promise; format-1 checkpoints that keep it load as
+well.  A checkpoint written before the spec was saved is rebuilt from the spec its saved
+config and ``n`` describe.
 """
 
 import errno
 import io
 import os
 import pickle
+import typing
 from pathlib import Path
 
 import torch
 
-from bdiff_pyro.config import config_from_dict
-from bdiff_pyro.diffusion.kernels import make_kernel
-from bdiff_pyro.diffusion.schedules import make_beta_tilde
+from bdiff_pyro.config import Config, config_from_dict, model_spec
 from bdiff_pyro.errors import UserError
-from bdiff_pyro.networks.mlp import MLP
 from bdiff_pyro.programs.reverse import ReverseProcess
+from bdiff_pyro.programs.spec import ModelSpec
 from bdiff_pyro.util.files import write_atomically
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = 2
 READABLE_FORMATS = (1, 2)
 REQUIRED_KEYS = ("config", "n", "model_state")
-
-
-def build_kernel(model_config, levels=2):
-    """The kernel of a ModelConfig (whose pi_1 is already a number) for data with ``levels``
-    states per position."""
-    beta_tilde = make_beta_tilde(model_config.schedule, model_config.T, model_config.schedule_power)
-    return make_kernel(model_config.kernel, beta_tilde, levels, model_config.pi_1)
-
-
-def build_process(model_config, n, levels=2):
-    """A freshly initialised reverse process for sequences of length n."""
-    kernel = build_kernel(model_config, levels)
-    net = MLP(n, kernel.num_states, hidden=tuple(model_config.hidden),
-                     activation=model_config.activation, time_embedding=model_config.time_embedding,
-                     num_features=ReverseProcess.num_features(kernel, model_config.inputs),
-                     film=model_config.film)
-    return ReverseProcess(kernel, net, model_config.parameterisation, model_config.inputs,
-                          model_config.add_own_evidence).float()
 
 
 def save_atomically(payload, path):
@@ -102,21 +85,38 @@ def read_checkpoint(path):
     return path, payload
 
 
-def process_from_checkpoint(path, payload):
+def spec_from_payload(path, payload) -> ModelSpec:
+    """The checkpoint's model spec; for a checkpoint without one, the spec its saved config
+    and ``n`` describe (the data section gives only the number of states per position)."""
+    if "spec" not in payload:
+        return model_spec(config_from_dict(payload["config"], where=str(path)), payload["n"])
+    try:
+        return ModelSpec.from_dict(payload["spec"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{path}: checkpoint (format {payload['format']}) has an unreadable spec "
+                        f"({type(error).__name__}: {error})") from None
+
+
+def process_from_payload(path, payload) -> ReverseProcess:
     """Rebuild the reverse process a checkpoint describes and load its weights."""
-    config = config_from_dict(payload["config"], where=str(path))
-    process = build_process(config.model, payload["n"], config.data.levels)
-    # kernel tables are rebuilt from the config (early checkpoints also stored them)
+    process = ReverseProcess.from_spec(spec_from_payload(path, payload))
+    # kernel tables are rebuilt from the spec (early checkpoints also stored them)
     weights = {k: v for k, v in payload["model_state"].items() if not k.startswith("kernel.")}
     try:
         process.load_state_dict(weights)
     except RuntimeError as error:
         first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
-        raise UserError(f"{path}: weights do not match the model its config describes ({first})") from None
+        raise UserError(f"{path}: weights do not match the model the checkpoint describes ({first})") from None
     problem = non_finite_model(process)
     if problem:
         raise UserError(f"{path}: {problem}; the run that wrote it diverged, it cannot be sampled or evaluated")
-    return config, process
+    return process
+
+
+def process_from_checkpoint(path, payload) -> typing.Tuple[Config, ReverseProcess]:
+    """(the checkpoint's Config, its reverse process with the saved weights)."""
+    config = config_from_dict(payload["config"], where=str(path))
+    return config, process_from_payload(path, payload)
 
 
 def non_finite_model(process, probes=64):
@@ -142,6 +142,7 @@ def load_with_config(path):
     return config, process.eval()
 
 
-def load(path):
+def load(path) -> ReverseProcess:
     """``bdiff_pyro.load``: a run directory or checkpoint file -> ReverseProcess (eval mode)."""
-    return load_with_config(path)[1]
+    path, payload = read_checkpoint(path)
+    return process_from_payload(path, payload).eval()

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from bdiff_pyro import registry
 from bdiff_pyro.errors import UserError
+from bdiff_pyro.programs.spec import ModelSpec
 
 MAX_SEED = 2 ** 32 - 1  # pyro.set_rng_seed also seeds NumPy, whose seeds are 32-bit
 
@@ -58,23 +60,24 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kernel: str = "bernoulli"  # bernoulli | uniform | absorbing | gaussian
+    kernel: str = "bernoulli"  # a name in registry.KERNELS
     T: int = 200
-    schedule: str = "cosine"  # paper | cosine | power
+    schedule: str = "cosine"  # a name in registry.SCHEDULES
     schedule_power: float = 2.0  # power schedule: beta~_t = (t/T)^power
     pi_1: typing.Union[float, str] = 0.5  # stationary P(bit = 1), or "data" for the training mean
-    parameterisation: str = "x0"  # direct | x0
-    inputs: str = "state"  # state (one-hot x^t) | evidence (P(x^0_i | x^t_i)) | log_evidence (see reverse.py)
+    parameterisation: str = "x0"  # one of registry.PARAMETERISATIONS
+    inputs: str = "state"  # one of registry.INPUTS (programs/reverse.py says what each code is)
     add_own_evidence: bool = True  # evidence inputs, through x^0: add log q(x^t_i | x^0_i) to the logits
+    network: str = "mlp"  # a name in registry.NETWORKS
     hidden: typing.List[int] = field(default_factory=lambda: [128, 128])
-    activation: str = "silu"  # sigmoid | tanh | relu | silu
+    activation: str = "silu"  # a name in registry.ACTIVATIONS
     time_embedding: int = 32
     film: bool = False  # time also scales and shifts every hidden layer (see reverse.MLP)
 
     def validate(self, where):
-        _choice(where, "model.kernel", self.kernel, ("bernoulli", "uniform", "absorbing", "gaussian"))
+        _choice(where, "model.kernel", self.kernel, tuple(registry.KERNELS))
         _at_least(where, "model.T", self.T, 2)
-        _choice(where, "model.schedule", self.schedule, ("paper", "cosine", "power"))
+        _choice(where, "model.schedule", self.schedule, tuple(registry.SCHEDULES))
         if self.schedule_power <= 0:
             raise UserError(f"{where('model.schedule_power')}: model.schedule_power must be > 0 "
                             f"(got {self.schedule_power})")
@@ -84,13 +87,16 @@ class ModelConfig:
                                 f"(got {self.pi_1!r})")
         elif not 0.0 < self.pi_1 < 1.0:
             raise UserError(f"{where('model.pi_1')}: model.pi_1 must lie strictly between 0 and 1 (got {self.pi_1})")
-        _choice(where, "model.parameterisation", self.parameterisation, ("direct", "x0"))
-        _choice(where, "model.inputs", self.inputs, ("state", "evidence", "log_evidence"))
-        _choice(where, "model.activation", self.activation, ("sigmoid", "tanh", "relu", "silu"))
+        _choice(where, "model.parameterisation", self.parameterisation, registry.PARAMETERISATIONS)
+        _choice(where, "model.inputs", self.inputs, registry.INPUTS)
+        _choice(where, "model.network", self.network, tuple(registry.NETWORKS))
+        _choice(where, "model.activation", self.activation, tuple(registry.ACTIVATIONS))
         if not self.hidden or any(h < 1 for h in self.hidden):
-            raise UserError(f"{where('model.hidden')}: model.hidden must be a non-empty list of positive sizes (got {self.hidden})")
+            raise UserError(f"{where('model.hidden')}: model.hidden must be a non-empty list of positive sizes "
+                            f"(got {self.hidden})")
         if self.time_embedding < 2 or self.time_embedding % 2:
-            raise UserError(f"{where('model.time_embedding')}: model.time_embedding must be an even number >= 2 (got {self.time_embedding})")
+            raise UserError(f"{where('model.time_embedding')}: model.time_embedding must be an even number >= 2 "
+                            f"(got {self.time_embedding})")
 
 
 @dataclass
@@ -154,12 +160,29 @@ class Config:
         for section in (self.data, self.model, self.train, self.evaluate):
             section.validate(where)
         if self.model.kernel == "bernoulli" and self.data.levels != 2:
-            raise UserError(f"{where('model.kernel', 'data.levels')}: model.kernel bernoulli needs data.levels = 2 (got {self.data.levels}); "
-                            "use uniform, absorbing or gaussian")
+            others = ", ".join(name for name in registry.KERNELS if name != "bernoulli")
+            raise UserError(f"{where('model.kernel', 'data.levels')}: model.kernel bernoulli needs data.levels = 2 "
+                            f"(got {self.data.levels}); use one of {others}")
 
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def model_spec(config: Config, n: int) -> ModelSpec:
+    """The spec of the model a resolved config describes for sequences of length ``n``
+    (``train.resolve_config`` has turned pi_1 = 'data' into a number)."""
+    model = config.model
+    pi_1 = None
+    if model.kernel in registry.KERNELS_WITH_PI_1:
+        if isinstance(model.pi_1, str):
+            raise ValueError(f"model.pi_1 = {model.pi_1!r} must be resolved to a number first (train.resolve_config)")
+        pi_1 = float(model.pi_1)
+    return ModelSpec(kernel=model.kernel, schedule=model.schedule, schedule_power=float(model.schedule_power),
+                     T=model.T, n=int(n), num_states=config.data.levels, pi_1=pi_1,
+                     parameterisation=model.parameterisation, inputs=model.inputs,
+                     add_own_evidence=model.add_own_evidence, network=model.network, hidden=tuple(model.hidden),
+                     activation=model.activation, time_embedding=model.time_embedding, film=model.film)
 
 
 # ---------------------------------------------------------------------------------------

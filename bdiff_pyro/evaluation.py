@@ -1,15 +1,17 @@
 """What a trained model is judged by: the bound on data (bits/seq with a standard error)
 and where its samples fall (training set, held-out set, neither)."""
 
-import copy
 import math
 
 import torch
 from tqdm.auto import tqdm
 
+from bdiff_pyro.config import model_spec
 from bdiff_pyro.diffusion.bound import elbo_replicates, first_stochastic_step, papers_K_fields
 from bdiff_pyro.diffusion.oracle import OracleReverse, oracle_report
 from bdiff_pyro.memory import rows_per_chunk
+from bdiff_pyro.programs.reverse import kernel_from_spec
+from bdiff_pyro.programs.sampling import ancestral_sample
 from bdiff_pyro.util.stats import LN2, mean_and_standard_error
 
 
@@ -110,7 +112,8 @@ def oracle_samples_report(oracle, num, seed, progress=False):
     the best-bound reverse process of this kernel and T gives: the reference for a trained
     model's fraction) and the fraction equal to each pattern."""
 
-    fractions = pattern_histogram(oracle.sample(num, seed=seed, progress=progress), oracle.patterns)
+    samples = ancestral_sample(oracle, num, seed, progress=progress and "oracle samples")
+    fractions = pattern_histogram(samples, oracle.patterns)
     return {"num": num, "seed": seed, "in_support": sum(fractions), "pattern_fractions": fractions}
 
 
@@ -123,17 +126,16 @@ def oracle_for_config(config, replicates=None, seed=None, exact="auto", samples=
     training.  With ``samples`` > 0, also :func:`oracle_samples_report` of that many samples.
     ``progress``: bars for the Monte Carlo bound and the samples.
     """
-    from bdiff_pyro.checkpoints import build_kernel
     from bdiff_pyro.data import load_dataset
     from bdiff_pyro.train import resolve_config
 
     dataset = load_dataset(config.data)
-    config = resolve_config(copy.deepcopy(config), dataset)
+    config = resolve_config(config, dataset)
     if dataset.support is not None:
         patterns, weights = dataset.support, None
     else:
         patterns, weights = torch.unique(dataset.train, dim=0, return_counts=True)
-    kernel = build_kernel(config.model, config.data.levels).double()
+    kernel = kernel_from_spec(model_spec(config, dataset.n)).double()
     report = oracle_report(kernel, patterns, weights,
                            replicates=config.evaluate.replicates if replicates is None else replicates,
                            seed=config.seed if seed is None else seed, exact=exact,

@@ -7,12 +7,12 @@ The estimates are upper bounds measured on CPU float32 training (float64 kernel 
 they are meant to tell 1 GB from 100 GB, not to the megabyte.
 """
 
-import contextlib
 import os
 
 import torch
 
 from bdiff_pyro.errors import UserError
+from bdiff_pyro.programs.sampling import as_generator
 
 WORKING_SET_BYTES = 256 * 2**20  # one chunk of evaluation or sampling rows
 MAX_ROWS_PER_CHUNK = 65536  # beyond this a chunk is no faster on a CPU
@@ -97,16 +97,13 @@ def sample_in_batches(process, num, seed=None, steps=None, batch=None):
 
 def iter_sample_batches(process, num, seed=None, steps=None, batch=None):
     """The batches of ``sample_in_batches`` one at a time, so that a caller writing them out
-    holds one batch in memory whatever ``num`` is.  One seeded random stream runs through
-    all the batches."""
+    holds one batch in memory whatever ``num`` is.  One generator, seeded with ``seed``, runs
+    through all the batches (no seed: torch's global generator)."""
     if batch is None:
         batch = rows_per_chunk(process.n, process.kernel.num_states, _widths(process))
-    rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
-    with rng:
-        if seed is not None:
-            torch.manual_seed(seed)
-        for start in range(0, num, batch):
-            yield process.sample(min(batch, num - start), steps=steps)
+    generator = as_generator(seed, process.kernel.log_pi.device)
+    for start in range(0, num, batch):
+        yield process.sample(min(batch, num - start), steps=steps, generator=generator)
 
 
 def _widths(process):

@@ -1,4 +1,5 @@
-"""The one list of every name a config can give: kernels, schedules, networks, activations.
+"""The one list of every name a config can give: kernels, schedules, networks, activations,
+and the parameterisations and input codes of the reverse step.
 
 Each table maps a name to ``"module:attribute"``, imported only when the name is used, so that a
 config is validated (``bdiff_pyro.config``) before torch is imported.  A new kernel is one class
@@ -19,6 +20,9 @@ KERNELS = {
     "absorbing": "bdiff_pyro.diffusion.kernels:AbsorbingKernel",
     "gaussian": "bdiff_pyro.diffusion.kernels:DiscretisedGaussianKernel",
 }
+
+#: kernels whose stationary distribution is set by ``pi_1`` (``model.pi_1``; the others ignore it)
+KERNELS_WITH_PI_1 = ("bernoulli",)
 
 #: name -> function T (, power) -> beta~_0..beta~_T
 SCHEDULES = {
@@ -41,6 +45,14 @@ ACTIVATIONS = {
     "relu": "torch.nn:ReLU",
     "silu": "torch.nn:SiLU",
 }
+
+#: how the network parameterises the reverse step (``bdiff_pyro.programs.reverse``): the logits
+#: of p(x^{t-1} | x^t) themselves, or of P(x^0 | x^t) mixed through q(x^{t-1} | x^t, x^0)
+PARAMETERISATIONS = ("direct", "x0")
+
+#: how the network reads x^t (``bdiff_pyro.programs.reverse``): its one-hot code, or the evidence
+#: each position gives about its clean value, as probabilities or as log-likelihood ratios
+INPUTS = ("state", "evidence", "log_evidence")
 
 _KINDS = {id(KERNELS): "kernel", id(SCHEDULES): "schedule", id(NETWORKS): "network", id(ACTIVATIONS): "activation"}
 

@@ -6,6 +6,7 @@ No formula lives here: the loss is ``bound.negative_elbo_estimate``; the rest is
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import shlex
@@ -25,9 +26,9 @@ import torch
 from pyro.infer import SVI
 from tqdm.auto import tqdm
 
-from bdiff_pyro import plots
-from bdiff_pyro.checkpoints import CHECKPOINT_NAME, FORMAT, build_process, read_checkpoint, save_atomically
-from bdiff_pyro.config import config_text, save_config
+from bdiff_pyro import plots, registry
+from bdiff_pyro.checkpoints import CHECKPOINT_NAME, FORMAT, read_checkpoint, save_atomically
+from bdiff_pyro.config import Config, config_text, model_spec, save_config
 from bdiff_pyro.data import Dataset, load_dataset
 from bdiff_pyro.diffusion.bound import first_stochastic_step, negative_elbo_estimate, uniform_step_proposal
 from bdiff_pyro.errors import TrainingStopped, TrainingWarning, UserError
@@ -39,6 +40,7 @@ from bdiff_pyro.evaluation import (
 )
 from bdiff_pyro.memory import require_memory, sample_in_batches, training_bytes
 from bdiff_pyro.programs.forward import forward_chain
+from bdiff_pyro.programs.reverse import ReverseProcess
 from bdiff_pyro.util.files import fresh_directory, write_csv
 from bdiff_pyro.util.stats import LN2, distinct_held_out, membership_fractions
 
@@ -169,14 +171,15 @@ def discard_run_dir(run_dir, created):
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def resolve_config(config, dataset):
-    """Fill in what the data decides: pi_1 = 'data' becomes the training mean."""
-    if config.model.pi_1 == "data" and config.model.kernel == "bernoulli":
-        mean = float(dataset.train.mean())
-        if not 0.0 < mean < 1.0:
-            raise UserError(f"model.pi_1 = data needs training data with both 0s and 1s (mean is {mean})")
-        config.model.pi_1 = mean
-    return config
+def resolve_config(config: Config, dataset: Dataset) -> Config:
+    """A new Config with what the data decides filled in: pi_1 = 'data' becomes the training
+    mean.  ``config`` itself is left as it was."""
+    pi_1 = config.model.pi_1
+    if pi_1 == "data" and config.model.kernel in registry.KERNELS_WITH_PI_1:
+        pi_1 = float(dataset.train.mean())
+        if not 0.0 < pi_1 < 1.0:
+            raise UserError(f"model.pi_1 = data needs training data with both 0s and 1s (mean is {pi_1})")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, pi_1=pi_1))
 
 
 # What a resumed run cannot change: the model and data (the weights are theirs), the
@@ -291,7 +294,8 @@ def run_training(setup, run_dir, progress=True, log=print):
         torch.set_num_threads(config.threads)
     pyro.clear_param_store()  # PyroModule parameters are registered in the global store
     pyro.set_rng_seed(config.seed)  # before the network is initialised
-    process = build_process(config.model, dataset.n, config.data.levels).to(device)
+    spec = model_spec(config, dataset.n)
+    process = ReverseProcess.from_spec(spec).to(device)
     optim = pyro.optim.ClippedAdam({
         "lr": config.train.lr,
         "clip_norm": config.train.clip_norm,
@@ -342,7 +346,8 @@ def run_training(setup, run_dir, progress=True, log=print):
 
     def save():
         nonlocal last_saved
-        payload = {"format": FORMAT, "config": config.to_dict(), "n": dataset.n, "optim_state": optim.get_state(),
+        payload = {"format": FORMAT, "spec": spec.to_dict(), "config": config.to_dict(), "n": dataset.n,
+                   "optim_state": optim.get_state(),
                    "state": vars(state), "rng_state": torch.get_rng_state(), "loss_state": loss.state_dict()}
         if average is not None:
             payload["raw_model_state"] = _copy(process.state_dict())

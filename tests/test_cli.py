@@ -109,10 +109,16 @@ def test_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path):
     assert (out / "metrics.json").is_file()
 
 
-def test_checkpoint_whose_weights_do_not_match_its_config(tiny_run, tmp_path):
+@pytest.mark.parametrize("layout", ["spec", "config only"])
+def test_checkpoint_whose_weights_do_not_match_its_spec(tiny_run, tmp_path, layout):
+    """The model is built from the saved spec, or for a checkpoint without one from its config."""
     out, _ = tiny_run
     payload = torch.load(out / "checkpoint.pt", weights_only=False)
-    payload["config"]["model"]["hidden"] = [32]
+    if layout == "spec":
+        payload["spec"]["hidden"] = [32]
+    else:
+        del payload["spec"]
+        payload["config"]["model"]["hidden"] = [32]
     torch.save(payload, tmp_path / "checkpoint.pt")
     assert_one_line(bdiff_subprocess("sample", tmp_path, "-n", 2), "weights do not match")
 

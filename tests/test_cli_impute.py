@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from bdiff_pyro.checkpoints import CHECKPOINT_NAME, FORMAT, build_process, save_atomically
+from bdiff_pyro.checkpoints import CHECKPOINT_NAME, FORMAT, save_atomically
 from bdiff_pyro.cli import main
-from bdiff_pyro.config import load_config
+from bdiff_pyro.config import load_config, model_spec
+from bdiff_pyro.programs.reverse import ReverseProcess
 
 N = 5
 
@@ -21,10 +22,11 @@ def run_dir(tmp_path_factory):
     config = load_config("experiments/configs/heartbeat.yaml",
                          ["data.n=5", "model.T=4", "model.hidden=[16]", "model.time_embedding=8"])
     torch.manual_seed(0)
-    process = build_process(config.model, N, config.data.levels)
+    spec = model_spec(config, N)
+    process = ReverseProcess.from_spec(spec)
     directory = tmp_path_factory.mktemp("impute")
-    save_atomically({"format": FORMAT, "config": config.to_dict(), "n": N, "model_state": process.state_dict()},
-                    directory / CHECKPOINT_NAME)
+    save_atomically({"format": FORMAT, "config": config.to_dict(), "spec": spec.to_dict(), "n": N,
+                     "model_state": process.state_dict()}, directory / CHECKPOINT_NAME)
     return directory
 
 

@@ -280,7 +280,8 @@ class BernoulliKernel(ResampleKernel):
     @classmethod
     def build(cls, beta_tilde, num_states, pi_1=0.5):
         if num_states != 2:
-            raise UserError(f"the bernoulli kernel has 2 states, not {num_states}; use uniform, absorbing or gaussian")
+            others = ", ".join(name for name in registry.KERNELS if name != "bernoulli")
+            raise UserError(f"the bernoulli kernel has 2 states, not {num_states}; use one of {others}")
         return cls(beta_tilde, pi_1)
 
     def __init__(self, beta_tilde, pi_1=0.5):

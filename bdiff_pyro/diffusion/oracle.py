@@ -24,7 +24,6 @@ chosen kernel, T and schedule.  Two ways to compute it:
   instead of 2^20 states.
 """
 
-import contextlib
 import itertools
 import math
 
@@ -41,6 +40,7 @@ from bdiff_pyro.diffusion.bound import (
     papers_K_fields,
 )
 from bdiff_pyro.diffusion.kernels import normalise
+from bdiff_pyro.diffusion.steps import edge_or_step
 from bdiff_pyro.errors import UserError
 from bdiff_pyro.util.stats import LN2, mean_and_standard_error
 
@@ -64,8 +64,10 @@ class OracleReverse(nn.Module):
     """The optimal factorised reverse process for data with known finite support.
 
     ``patterns``: (M, n) state codes d_1..d_M; ``weights``: (M,) positive (normalised here;
-    default uniform).  Same interface as ``reverse.ReverseProcess``: ``kernel``, ``n``, ``T``,
-    ``log_probs(x_t, t)``, ``reverse_probs``, ``sample(num, seed)``.
+    default uniform).  A reverse step (``bdiff_pyro.programs.sampling.ReverseStep``): ``kernel``,
+    ``n``, ``T``, ``log_probs(x_t, t)``, ``logits``, ``x0_log_probs``, ``x0_logits``, and
+    ``reverse_probs`` as ``ReverseProcess`` has it; the samplers of ``bdiff_pyro.programs.sampling``
+    draw from it.
     """
 
     def __init__(self, kernel, patterns, weights=None):
@@ -131,21 +133,26 @@ class OracleReverse(nn.Module):
 
     def log_probs(self, x_t, t):
         """log p*(x^{t-1} = k | x^t), shape (..., n, K); t = 1 is the edge step."""
-        if isinstance(t, int):
-            if t < 1 or t > self.T:
-                raise ValueError(f"t must lie in 1..{self.T} (got {t})")
-            if t == 1:
-                return self.kernel.edge_log_probs(x_t) if self.kernel.closed_form_edge else self.x0_log_probs(x_t, 1)
-            return self.kernel.q_posterior_log_probs_mixture(x_t, self.x0_log_probs(x_t, t), t)
-        t = torch.as_tensor(t, device=x_t.device).long()
-        edge = t == 1
-        later = t.clamp_min(2)  # rows with t = 1 are computed at t = 2 and replaced below
-        out = self.kernel.q_posterior_log_probs_mixture(x_t, self.x0_log_probs(x_t, later), later)
-        if bool(edge.any()):
-            at_one = (self.kernel.edge_log_probs(x_t) if self.kernel.closed_form_edge
-                      else self.x0_log_probs(x_t, torch.ones_like(t)))
-            out = torch.where(edge[..., None, None], at_one, out)
-        return out
+        if isinstance(t, int) and not 1 <= t <= self.T:
+            raise ValueError(f"t must lie in 1..{self.T} (got {t})")
+        return edge_or_step(self._edge_log_probs, self._step_log_probs, x_t, t)
+
+    def _edge_log_probs(self, x1):
+        """The paper's edge step where the kernel has one, else the marginal P(x^0_i | x^1)."""
+        return self.kernel.edge_log_probs(x1) if self.kernel.closed_form_edge else self.x0_log_probs(x1, 1)
+
+    def _step_log_probs(self, x_t, t):
+        return self.kernel.q_posterior_log_probs_mixture(x_t, self.x0_log_probs(x_t, t), t)
+
+    def logits(self, x_t, t):
+        """Bits: log p*(x^{t-1} = 1 | x^t) - log p*(x^{t-1} = 0 | x^t), shape (..., n)."""
+        log_probs = self.log_probs(x_t, t)
+        return log_probs[..., 1] - log_probs[..., 0]
+
+    def x0_logits(self, x_t, t):
+        """Bits: the logit of the marginal P(x^0_i = 1 | x^t), shape (..., n)."""
+        log_probs = self.x0_log_probs(x_t, t)
+        return log_probs[..., 1] - log_probs[..., 0]
 
     def reverse_probs(self, x_t, t):
         """P(x^{t-1} = 1 | x^t) for bits, (B, n)."""
@@ -153,18 +160,6 @@ class OracleReverse(nn.Module):
             raise ValueError("reverse_probs is the binary API; use log_probs for K > 2 states")
         with torch.no_grad():
             return self.log_probs(x_t, t)[..., 1].exp()
-
-    def sample(self, num, seed=None, progress=False):
-        """(num, n) samples of x^0: x^T ~ pi, then x^{t-1} ~ p*(x^{t-1} | x^t) for t = T..1
-        (``progress``: a bar over the steps)."""
-        rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
-        with rng, torch.no_grad():
-            if seed is not None:
-                torch.manual_seed(seed)
-            x = self.kernel.sample_states(self.kernel.prior_log_probs((num, self.n)))
-            for t in tqdm(range(self.T, 0, -1), disable=not progress, desc="oracle samples", unit="step"):
-                x = self.kernel.sample_states(self.log_probs(x, t))
-        return x
 
 
 # ---------------------------------------------------------------------------------------

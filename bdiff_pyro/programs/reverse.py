@@ -32,8 +32,8 @@ say" differs at every position and must be carried through every layer (docs/net
 measures both).
 """
 
-import contextlib
 import math
+import typing
 
 import pyro
 import pyro.distributions as dist
@@ -42,12 +42,15 @@ from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from torch.nn import functional as F
 
-from bdiff_pyro.diffusion.kernels import normalise, posterior_table
+from bdiff_pyro import registry
+from bdiff_pyro.diffusion.kernels import make_kernel, normalise
+from bdiff_pyro.diffusion.schedules import make_beta_tilde
+from bdiff_pyro.diffusion.steps import binary_mixture_logits, edge_or_step
 from bdiff_pyro.errors import UserError
+from bdiff_pyro.programs import sampling
 from bdiff_pyro.programs.sites import state_dist
-
-PARAMETERISATIONS = ("direct", "x0")
-INPUTS = ("state", "evidence", "log_evidence")
+from bdiff_pyro.programs.spec import ModelSpec
+from bdiff_pyro.registry import INPUTS, PARAMETERISATIONS
 
 
 def _per_state(table, t, x):
@@ -61,37 +64,10 @@ def _per_state(table, t, x):
     return rows[..., 0] * (1 - x) + rows[..., 1] * x
 
 
-def _by_time(edge, step, x_t, t):
-    """edge(x^1) at t = 1, step(x^t, t) at t >= 2; t an int or one time per sequence."""
-    if isinstance(t, int):
-        return edge(x_t) if t == 1 else step(x_t, t)
-    t = torch.as_tensor(t, device=x_t.device)
-    out = step(x_t, t.clamp_min(2))  # rows with t = 1 are replaced below
-    is_edge = t == 1
-    if not bool(is_edge.any()):
-        return out
-    return torch.where(is_edge.reshape(is_edge.shape + (1,) * (out.dim() - is_edge.dim())), edge(x_t), out)
-
-
-def binary_mixture_logits(log_posterior, x_t, x0_logits):
-    """Bits: logit of sum_v q(x^s = 1 | x^t, x^0 = v) P(x^0 = v), P(x^0 = 1) = sigmoid(x0_logits).
-
-    log_posterior[..., j, v, k] = log q(x^s = k | x^t = j, x^0 = v): one (2, 2, 2) table, or
-    one per sequence (..., 2, 2, 2).  The same mixture as
-    ``DiscreteKernel.q_posterior_log_probs_mixture``, in probability space (sums of
-    non-negative terms), with p(0) and p(1) each formed from their own table entries so that
-    neither is computed as 1 minus the other.
-    """
-    probs = log_posterior.exp()
-    if probs.dim() > 3:
-        probs = probs.unsqueeze(-4)  # (..., 1, j, v, k): one table per sequence
-    x = x_t.to(probs.dtype)
-    not_x = 1 - x
-    picked = [[probs[..., 0, v, k] * not_x + probs[..., 1, v, k] * x for k in (0, 1)] for v in (0, 1)]
-    p_x0_0, p_x0_1 = torch.sigmoid(-x0_logits), torch.sigmoid(x0_logits)
-    p0 = p_x0_0 * picked[0][0] + p_x0_1 * picked[1][0]
-    p1 = p_x0_0 * picked[0][1] + p_x0_1 * picked[1][1]
-    return p1.log() - p0.log()
+def kernel_from_spec(spec: ModelSpec):
+    """The forward kernel a spec names (``make_kernel`` on the ``make_beta_tilde`` schedule)."""
+    beta_tilde = make_beta_tilde(spec.schedule, spec.T, spec.schedule_power)
+    return make_kernel(spec.kernel, beta_tilde, spec.num_states, 0.5 if spec.pi_1 is None else spec.pi_1)
 
 
 class ReverseProcess(PyroModule):
@@ -114,7 +90,8 @@ class ReverseProcess(PyroModule):
                                 "which this kernel does not have; use evidence")
         expected = self.num_features(kernel, inputs)
         if net.num_features != expected:
-            raise ValueError(f"{inputs!r} inputs give {expected} features per position; the network takes {net.num_features}")
+            raise ValueError(f"{inputs!r} inputs give {expected} features per position; "
+                             f"the network takes {net.num_features}")
         self.kernel = kernel
         self.net = net
         self.parameterisation = parameterisation
@@ -122,6 +99,17 @@ class ReverseProcess(PyroModule):
         self.add_own_evidence = add_own_evidence and inputs != "state"
         # Every layer must go through pyro.param to be trained by SVI (see README, pitfalls).
         to_pyro_module_(self.net)
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> "ReverseProcess":
+        """A freshly initialised float32 reverse process as ``spec`` describes it: the kernel
+        through ``make_kernel`` / ``make_beta_tilde``, the network through ``registry.NETWORKS``."""
+        kernel = kernel_from_spec(spec)
+        network = registry.resolve(registry.NETWORKS, spec.network, "network")
+        net = network(spec.n, kernel.num_states, hidden=tuple(spec.hidden), activation=spec.activation,
+                      time_embedding=spec.time_embedding, num_features=cls.num_features(kernel, spec.inputs),
+                      film=spec.film)
+        return cls(kernel, net, spec.parameterisation, spec.inputs, spec.add_own_evidence).float()
 
     @staticmethod
     def num_features(kernel, inputs):
@@ -174,11 +162,11 @@ class ReverseProcess(PyroModule):
         if self.binary:
             logits = self.logits(x_t, t)
             return torch.stack([F.logsigmoid(-logits), F.logsigmoid(logits)], dim=-1)
-        return _by_time(self._edge_log_probs, self._step_log_probs, x_t, t)
+        return edge_or_step(self._edge_log_probs, self._step_log_probs, x_t, t)
 
     def logits(self, x_t, t):
         """Bits: the logit of p(x^{t-1} = 1 | x^t), shape (..., n)."""
-        return _by_time(self._edge_logits, self._step_logits, x_t, t)
+        return edge_or_step(self._edge_logits, self._step_logits, x_t, t)
 
     def step_dist(self, x_t, t):
         """p(x^{t-1} | x^t) as the Pyro distribution of one time slice.  The Pyro program and
@@ -241,7 +229,7 @@ class ReverseProcess(PyroModule):
         with torch.no_grad():
             return torch.sigmoid(self.logits(x_t, t))
 
-    # -- the generative program and its samplers -----------------------------------------
+    # -- the generative program ------------------------------------------------------------
     def forward(self, x0=None, num_sequences=None):
         """The generative Pyro program; x^0 is observed when ``x0`` is given."""
         num = x0.shape[0] if x0 is not None else num_sequences
@@ -251,56 +239,29 @@ class ReverseProcess(PyroModule):
                 x = pyro.sample(f"x_{t - 1}", self.step_dist(x, t), obs=x0 if t == 1 else None)
         return x
 
-    def sample(self, num, seed=None, steps=None):
-        """(num, n) samples of x^0.
+    def sample(self, num: int, seed=None, steps: typing.Optional[int] = None,
+               generator: typing.Optional[torch.Generator] = None) -> torch.Tensor:
+        """(num, n) samples of x^0, drawn with ``generator`` or, given ``seed``, with a fresh
+        generator seeded with it (neither: torch's global generator); the global random state
+        is never reseeded.
 
-        Without ``steps``: every reverse step, the same draws as the Pyro program under the
-        same seed.  With ``steps`` (through-x^0 parameterisation only): ``steps`` jumps on an
-        evenly spaced grid T = t_1 > ... > t_steps > 0, one network evaluation each (none for a
-        closed-form edge step 1 -> 0); each jump t -> s draws x^s from q(x^s | x^t, x^0)
-        averaged over the predicted P(x^0 | x^t), and a last jump t -> 0 from t > 1 draws x^0
-        from the prediction itself.  A jump of one step is the model's own step, so
-        ``steps = T`` is ``sample()``, draw for draw.
+        Without ``steps``: every reverse step (``sampling.ancestral_sample``), the same draws as
+        the Pyro program under ``pyro.set_rng_seed(seed)``.  With ``steps`` (through-x^0
+        parameterisation only): ``steps`` jumps through the predicted x^0
+        (``sampling.strided_sample``); ``steps = T`` is ``sample()``, draw for draw.
         """
-        rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
-        with rng, torch.no_grad():
-            if seed is not None:
-                torch.manual_seed(seed)
-            x = self.kernel.sample_states(self.kernel.prior_log_probs((num, self.n)))
-            if steps is None:
-                for t in range(self.T, 0, -1):
-                    x = self.step_dist(x, t).sample()
-                return x
-            for t, s in self.stride_grid(steps):
-                x = self._jump_dist(x, t, s).sample()
-        return x
+        if seed is not None and generator is not None:
+            raise ValueError("give a seed or a generator, not both")
+        generator = seed if generator is None else generator
+        if steps is None:
+            return sampling.ancestral_sample(self, num, generator)
+        self.stride_grid(steps)  # refuses a direct parameterisation
+        return sampling.strided_sample(self, num, steps, generator)
 
-    def _jump_dist(self, x_t, t, s):
-        """x^s given x^t through the predicted x^0: q(x^s | x^t, x^0) averaged over
-        P(x^0 | x^t), or P(x^0 | x^t) itself when s = 0 < t - 1.
-
-        s = t - 1 is the model's step (:meth:`step_dist`): the same mixture for t >= 2, and at
-        t = 1 the edge step, which is closed form for most kernels; the prediction of x^0 at
-        t = 1 is then trained by no term of the bound.
-        """
-        if s == t - 1:
-            return self.step_dist(x_t, t)
-        if self.binary:
-            logits = self.x0_logits(x_t, t)
-            if s > 0:
-                table = posterior_table(self.kernel.log_span(s, t), self.kernel.log_Qbar[s])
-                logits = binary_mixture_logits(table, x_t, logits)
-            return dist.Bernoulli(logits=logits)
-        log_probs = self.x0_log_probs(x_t, t)
-        if s > 0:
-            log_probs = self.kernel.q_posterior_log_probs_mixture(x_t, log_probs, t, s)
-        return dist.Categorical(logits=log_probs)
-
-    def stride_grid(self, steps):
-        """[(t, s), ...]: ``steps`` jumps from T to 0."""
+    def stride_grid(self, steps: int):
+        """[(t, s), ...]: ``steps`` jumps from T to 0 (``sampling.stride_grid``); the jumps read
+        the prediction of x^0, which only the through-x^0 parameterisation trains."""
         if self.parameterisation != "x0":
-            raise UserError("strided sampling (--steps) needs the through-x^0 parameterisation (model.parameterisation: x0)")
-        if not 1 <= steps <= self.T:
-            raise UserError(f"--steps must be between 1 and T = {self.T} (got {steps})")
-        times = torch.linspace(self.T, 0, steps + 1).round().long().tolist()
-        return list(zip(times[:-1], times[1:]))
+            raise UserError("strided sampling (--steps) needs the through-x^0 parameterisation "
+                            "(model.parameterisation: x0)")
+        return sampling.stride_grid(self.T, steps)

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from helpers import make_kernel_process
 
 from bdiff_pyro.cli import main
 from bdiff_pyro.diffusion.bound import all_states, elbo_exact
+from bdiff_pyro.programs.sampling import ancestral_sample, jump_dist
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,7 +103,7 @@ def test_absorbing_oracle_step_is_a_distribution_that_keeps_unmasked_values():
 
 
 def test_absorbing_oracle_samples():
-    samples = absorbing_oracle().sample(1000, seed=0)
+    samples = ancestral_sample(absorbing_oracle(), 1000, generator=0)
     assert samples.shape == (1000, 3) and set(samples.unique().tolist()) <= {0, 1}
 
 
@@ -208,9 +210,9 @@ def test_strided_sampler_with_every_step_is_the_model(case, T):
     process = make_kernel_process(case, n=2, T=T, seed=3)
     with torch.no_grad():
         model = distribution_of_x0(process, [(t, t - 1) for t in range(T, 0, -1)],
-                                   lambda x, t, s: process.step_dist(x, t))
+                                   lambda x, t, s: process.step_dist(x, t))  # the Pyro program's site
         grid = process.stride_grid(T)
-        strided = distribution_of_x0(process, grid, process._jump_dist)
+        strided = distribution_of_x0(process, grid, partial(jump_dist, process))
     assert grid == [(t, t - 1) for t in range(T, 0, -1)]
     assert float(model.sum()) == pytest.approx(1.0, abs=1e-12)
     assert float((model - strided).abs().sum()) / 2 < 1e-12
@@ -223,7 +225,7 @@ def test_strided_sampler_ends_with_the_edge_step():
     process = make_kernel_process(("bernoulli", 2, 0.2), n=2, T=4, seed=3)
     assert process.stride_grid(3) == [(4, 3), (3, 1), (1, 0)]
     x1 = all_states(2)
-    edge = process._jump_dist(x1, 1, 0)
+    edge = jump_dist(process, x1, 1, 0)
     pi_1, keep = 0.2, 1 - float(process.kernel.beta_tilde[1])
     # p(x^0 = 1 | x^1) = q(x^1 | x^0 = 1) pi_1 / pi(x^1), with q(x^1 = 1 | x^0) = x^0 keep + (1 - keep) pi_1
     q_given_1 = x1 * (keep + (1 - keep) * pi_1) + (1 - x1) * (1 - keep) * (1 - pi_1)

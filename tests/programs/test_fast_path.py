@@ -7,14 +7,14 @@ from helpers import KERNEL_CASES, make_kernel_process, make_process
 
 from bdiff_pyro.diffusion.bound import all_states
 from bdiff_pyro.diffusion.kernels import normalise
+from bdiff_pyro.diffusion.steps import edge_or_step
 from bdiff_pyro.errors import UserError
-from bdiff_pyro.programs.reverse import _by_time
 
 
 def generic_log_probs(process, x_t, t):
     """log p(x^{t-1} | x^t) through the K-state path: the kernel's mixture for x0 models, the
     normalised likelihood correction for direct ones."""
-    return _by_time(process._edge_log_probs, process._step_log_probs, x_t, t)
+    return edge_or_step(process._edge_log_probs, process._step_log_probs, x_t, t)
 
 
 @pytest.mark.parametrize("parameterisation", ["x0", "direct"])

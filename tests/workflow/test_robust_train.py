@@ -15,6 +15,7 @@ import torch
 import yaml
 from helpers import assert_one_line, bdiff, make_process
 
+import bdiff_pyro
 from bdiff_pyro import checkpoints as checkpoints_module
 from bdiff_pyro import diagnostics as diagnostics_module
 from bdiff_pyro import memory as memory_module
@@ -377,11 +378,12 @@ def test_the_bound_of_many_rows_fits_in_bounded_memory():
     at once; chunked, the evaluation grows the peak memory by far less."""
     script = """
 import resource, torch
-from bdiff_pyro.config import ModelConfig
-from bdiff_pyro.checkpoints import build_process
+from bdiff_pyro.config import Config, ModelConfig, model_spec
+from bdiff_pyro.programs.reverse import ReverseProcess
 from bdiff_pyro.evaluation import bound_report
 torch.set_num_threads(1)
-process = build_process(ModelConfig(T=100, hidden=[4], time_embedding=4), 200).eval()
+config = Config(model=ModelConfig(T=100, hidden=[4], time_embedding=4))
+process = ReverseProcess.from_spec(model_spec(config, 200)).eval()
 x0 = torch.bernoulli(torch.full((2000, 200), 0.5))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 bound_report(process, x0, replicates=16, max_sequences=None)
@@ -429,9 +431,9 @@ def test_sample_draws_in_batches_of_bounded_size(tiny_run, monkeypatch):
     sizes = []
     real_sample = checkpoints_module.ReverseProcess.sample
 
-    def spy(self, num, seed=None, steps=None):
+    def spy(self, num, **kwargs):
         sizes.append(num)
-        return real_sample(self, num, seed=seed, steps=steps)
+        return real_sample(self, num, **kwargs)
 
     monkeypatch.setattr(checkpoints_module.ReverseProcess, "sample", spy)
     code, stdout, stderr = bdiff("sample", tiny_run, "-n", 50, "--seed", 3)
@@ -481,3 +483,35 @@ def test_missing_weights_and_unknown_format_are_one_line(tiny_run, tmp_path):
     assert_one_line(bdiff("evaluate", tmp_path, ROOT / "experiments/data/heartbeat_text/val.txt"), "lacks model_state")
     torch.save({**payload, "format": 7}, tmp_path / "checkpoint.pt")
     assert_one_line(bdiff("sample", tmp_path, "-n", 2), "format: 7")
+
+
+def test_checkpoints_save_the_spec_and_one_written_without_it_still_loads(tiny_run, tmp_path):
+    """A checkpoint of the layout before the spec was saved (its config and n only) rebuilds the
+    same model: the same samples for the same seed."""
+    payload = torch.load(tiny_run / "checkpoint.pt", weights_only=True)
+    assert payload["spec"]["n"] == payload["n"] and payload["spec"]["T"] == 6
+    torch.save({key: value for key, value in payload.items() if key != "spec"}, tmp_path / "checkpoint.pt")
+    old, new = bdiff_pyro.load(tmp_path), bdiff_pyro.load(tiny_run)
+    assert torch.equal(old.sample(50, seed=1), new.sample(50, seed=1))
+
+
+def test_loading_reads_the_spec_not_the_data_section(tiny_run, tmp_path):
+    payload = torch.load(tiny_run / "checkpoint.pt", weights_only=True)
+    payload["config"]["data"] = {"kind": "no such kind"}
+    torch.save(payload, tmp_path / "checkpoint.pt")
+    assert bdiff_pyro.load(tmp_path).sample(3, seed=0).shape == (3, payload["n"])
+
+
+def test_resolve_config_returns_a_new_config_and_leaves_its_argument():
+    from bdiff_pyro.config import config_from_dict, model_spec
+    from bdiff_pyro.data import load_dataset
+    from bdiff_pyro.train import resolve_config
+
+    config = config_from_dict({"data": {"kind": "heartbeat", "n": 10, "period": 5}, "model": {"pi_1": "data"}})
+    before = config.to_dict()
+    resolved = resolve_config(config, load_dataset(config.data))
+    assert config.to_dict() == before and config.model.pi_1 == "data"
+    assert resolved.model.pi_1 == pytest.approx(0.2)  # one pulse every 5 positions
+    assert model_spec(resolved, 10).pi_1 == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="resolved"):
+        model_spec(config, 10)
