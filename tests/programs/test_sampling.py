@@ -3,7 +3,7 @@ probabilities against its exact distribution, and the random state they use."""
 
 import pytest
 import torch
-from conftest import make_kernel_process, make_process
+from helpers import make_kernel_process, make_process
 
 from bdiff_pyro.diffusion.bound import all_states
 from bdiff_pyro.diffusion.kernels import make_kernel
