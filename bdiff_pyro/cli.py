@@ -210,7 +210,8 @@ def cmd_evaluate(args):
                       importance_se_bits=float(se.pow(2).sum().sqrt()) / len(x0) / LN2,
                       importance_min_ess=float(ess.min()))
         print(f"importance-sampled log p(x^0) = {report['importance_bits']:.4f} ± {report['importance_se_bits']:.4f} "
-              f"bits/seq ({args.importance} trajectories per sequence; smallest ESS {report['importance_min_ess']:.0f})")
+              f"bits/seq ({args.importance} trajectories per sequence; "
+              f"smallest ESS {report['importance_min_ess']:.0f})")
     if args.json:
         print(json.dumps(report, allow_nan=False))
 
@@ -391,7 +392,8 @@ def build_parser():
                    help="independent sampling runs (R-hat compares them)")
     p.add_argument("--draws", type=at_least(10), default=250, help="draws per chain")
     p.add_argument("--seed", type=seed, default=0, help="random seed of the chains")
-    p.add_argument("--overwrite", action="store_true", help="replace diagnostics.nc instead of writing diagnostics-2.nc")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace diagnostics.nc instead of writing diagnostics-2.nc")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_diagnose)
 

@@ -392,7 +392,8 @@ def plot_bounds(rows: List[dict], config: CompareConfig, path) -> None:
 def compare_main(config_path: Union[str, Path], out_dir: Optional[Union[str, Path]] = None) -> Dict[str, Path]:
     """Run the grid of ``config_path`` (YAML) and write its results into ``out_dir``
     (default runs/compare-<timestamp>; a directory that holds anything is refused, so
-    earlier results are never overwritten: UserError).  Returns {"out_dir", "csv", "table", "bounds_plot"}: the paths written."""
+    earlier results are never overwritten: UserError).  Returns {"out_dir", "csv", "table",
+    "bounds_plot"}: the paths written."""
     from tqdm.auto import tqdm
 
     config = load_config(config_path)

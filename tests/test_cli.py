@@ -66,7 +66,8 @@ def test_sample_and_evaluate_commands(tiny_run, tmp_path):
     out, _ = tiny_run
     result = bdiff_subprocess("sample", out, "-n", 5, "--seed", 1)
     lines = result.stdout.split()
-    assert result.returncode == 0 and len(lines) == 5 and all(len(l) == 20 and set(l) <= {"0", "1"} for l in lines)
+    assert result.returncode == 0 and len(lines) == 5
+    assert all(len(line) == 20 and set(line) <= {"0", "1"} for line in lines)
     target = tmp_path / "s.txt"
     assert bdiff_subprocess("sample", out, "-n", 5, "--seed", 1, "--out", target).returncode == 0
     assert target.read_text().split() == lines
@@ -89,7 +90,8 @@ def test_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("0101\n")
     assert_one_line(bdiff("evaluate", out, short), "the model has n = 20")
-    assert_one_line(bdiff_subprocess("train", "experiments/configs/heartbeat.yaml", "--set", "model.T=1"), "model.T must be >= 2")
+    result = bdiff_subprocess("train", "experiments/configs/heartbeat.yaml", "--set", "model.T=1")
+    assert_one_line(result, "model.T must be >= 2")
     assert_one_line(bdiff("train", "experiments/configs/heartbeat.yaml", "--set", "train.lr=0"), "train.lr must be > 0")
     assert_one_line(bdiff("train", "experiments/configs/heartbeat.yaml", "--set", "model.schedule=linear"),
                       "model.schedule must be one of")

@@ -252,7 +252,8 @@ def test_the_warning_is_one_line_on_the_command_line(tmp_path):
 
 def test_a_set_error_is_blamed_on_the_set_not_the_file():
     assert_one_line(bdiff("train", CONFIG, "--set", "model.T=abc"), "--set model.T=abc: model.T must be int")
-    assert_one_line(bdiff("train", CONFIG, "--set", "model.hidden=[8, x]"), "--set model.hidden=[8, x]: model.hidden[1]")
+    result = bdiff("train", CONFIG, "--set", "model.hidden=[8, x]")
+    assert_one_line(result, "--set model.hidden=[8, x]: model.hidden[1]")
     assert_one_line(bdiff("train", CONFIG, "--set", "data.period=50"), "--set data.period=50: data.period must be <= ")
     assert_one_line(bdiff("train", CONFIG, "--set", "model={T: 1}"), "--set model={T: 1}: model.T must be >= 2")
 
@@ -384,7 +385,7 @@ def csv_rows(path):
 
 def test_heartbeat_summary_says_there_are_no_held_out_patterns(tiny_run):
     _, result = tiny_run
-    line = next(l for l in result.stdout.splitlines() if l.startswith("of 200 samples"))
+    line = next(text for text in result.stdout.splitlines() if text.startswith("of 200 samples"))
     assert "no held-out patterns" in line and "held-out sequences" not in line
     text = cli.sample_summary({"num": 10, "train": 0.5, "held_out": 0.25, "neither": 0.25, "held_out_patterns": 3})
     assert "25.00% held-out sequences" in text

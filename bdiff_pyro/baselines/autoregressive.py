@@ -260,7 +260,8 @@ class MADE(torch.nn.Module):
             for batch in torch.randperm(len(train), generator=generator).split(batch_size):
                 member = int(torch.randint(self.num_members, (), generator=generator))
                 x = train[batch]
-                loss = -bernoulli_log_prob(x, self.logits(x, member)).mean() + 0.5 * weight_decay * self.squared_weights()
+                nll = -bernoulli_log_prob(x, self.logits(x, member)).mean()
+                loss = nll + 0.5 * weight_decay * self.squared_weights()
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()

@@ -126,7 +126,8 @@ def test_bernoulli_kl_from_logits_matches_the_textbook_formula():
     lq, lp = torch.tensor(1.3, dtype=torch.float64), torch.tensor(-0.4, dtype=torch.float64)
     q, p = torch.sigmoid(lq), torch.sigmoid(lp)
     textbook = q * torch.log(q / p) + (1 - q) * torch.log((1 - q) / (1 - p))
-    as_log_probs = lambda l: torch.stack([torch.nn.functional.logsigmoid(-l), torch.nn.functional.logsigmoid(l)])  # noqa: E731
+    def as_log_probs(logit):
+        return torch.stack([torch.nn.functional.logsigmoid(-logit), torch.nn.functional.logsigmoid(logit)])
     assert torch.allclose(kl_categorical(as_log_probs(lq), as_log_probs(lp)), textbook, atol=1e-15)
 
 

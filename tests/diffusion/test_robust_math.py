@@ -175,7 +175,8 @@ def test_oracle_command_for_a_kernel_without_pi_1():
     samples are drawn, and --json is valid JSON with the paper's K null."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["oracle", str(ROOT / "experiments/configs/kernel_heartbeat.yaml"), "--set", "model.kernel=absorbing",
+        config = str(ROOT / "experiments/configs/kernel_heartbeat.yaml")
+        code = main(["oracle", config, "--set", "model.kernel=absorbing",
                      "--set", "model.T=20", "--samples", "100", "--json"])
     assert code == 0
     summary, drawn, as_json = out.getvalue().strip().splitlines()

@@ -88,7 +88,8 @@ def test_svi_with_the_analytic_loss_trains_every_layer(film):
     """The PyroModule pitfall: layers that never pass through pyro.param stay untrained."""
     process = make_process(n=5, T=6, hidden=(8, 8, 8), film=film).float()
     before = {name: p.detach().clone() for name, p in process.named_parameters()}
-    svi = SVI(process, partial(forward_chain, process.kernel), pyro.optim.Adam({"lr": 1e-2}), loss=AnalyticLoss(process.T))
+    guide = partial(forward_chain, process.kernel)
+    svi = SVI(process, guide, pyro.optim.Adam({"lr": 1e-2}), loss=AnalyticLoss(process.T))
     x0 = (torch.rand(32, 5) < 0.3).float()
     losses = [svi.step(x0) for _ in range(30)]
     for name, p in process.named_parameters():
