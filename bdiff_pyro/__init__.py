@@ -12,11 +12,19 @@ p(x^0 | x^1).  Logs are natural in code; users see bits.
     m.sample(10, seed=0)
 """
 
+from __future__ import annotations
+
+from os import PathLike
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from bdiff_pyro.programs.reverse import ReverseProcess
+
 __all__ = ["load"]
 __version__ = "0.1.0"
 
 
-def load(path):
+def load(path: Union[str, PathLike]) -> ReverseProcess:
     """A run directory or checkpoint file -> its ReverseProcess in eval mode (see
     ``bdiff_pyro.checkpoints.load``; imported here on first use, so that ``import bdiff_pyro``
     and the command line start without torch)."""

@@ -16,14 +16,26 @@ and joins the stochastic terms as t = 1 (D3PM's reconstruction term).
 (..., n, K): a network, the oracle, or a brute-force table in a test.
 """
 
+from __future__ import annotations
+
 import itertools
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 import torch
+from torch import Tensor
 
 from bdiff_pyro.util.stats import LN2
 
+if TYPE_CHECKING:
+    from bdiff_pyro.diffusion.kernels import DiscreteKernel
 
-def kl_categorical(log_q, log_p):
+#: t: one step for every sequence, or one per sequence (a LongTensor of shape x.shape[:-1])
+Time = Union[int, Tensor]
+#: (x^t, t) -> log p(x^{t-1} = k | x^t), shape (..., n, K)
+ReverseLogProbs = Callable[[Tensor, Time], Tensor]
+
+
+def kl_categorical(log_q: Tensor, log_p: Tensor) -> Tensor:
     """KL(q || p) = sum_k q_k (log q_k - log p_k), summed over the last dimension.
 
     For K = 2 this is the Bernoulli KL from logits (log-probs are logsigmoid(+-logit)).
@@ -33,29 +45,29 @@ def kl_categorical(log_q, log_p):
     return torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(-1)
 
 
-def entropy(log_q):
+def entropy(log_q: Tensor) -> Tensor:
     """H(q) = - sum_k q_k log q_k over the last dimension (0 log 0 = 0)."""
     return -kl_categorical(log_q, torch.zeros_like(log_q))
 
 
-def cross_entropy(log_q, log_p):
+def cross_entropy(log_q: Tensor, log_p: Tensor) -> Tensor:
     """H(q, p) = - sum_k q_k log p_k = KL(q || p) + H(q) >= 0, over the last dimension."""
     return kl_categorical(log_q, log_p) + entropy(log_q)
 
 
-def first_stochastic_step(kernel):
+def first_stochastic_step(kernel: DiscreteKernel) -> int:
     """t = 2 when the edge term is closed form, t = 1 when p(x^0 | x^1) is learned."""
     return 2 if kernel.closed_form_edge else 1
 
 
-def prior_kl(kernel, x0):
+def prior_kl(kernel: DiscreteKernel, x0: Tensor) -> Tensor:
     """KL( q(x^T | x^0) || pi ) = H(q(x^T | x^0), pi) - H_q(X^T | x^0) >= 0, per sequence: the
     prior part of -ELBO (docs/math.md §2)."""
     log_q_T = kernel.q_marginal_log_probs(x0, kernel.T)
     return (cross_entropy(log_q_T, kernel.log_pi) - entropy(log_q_T)).sum(-1)
 
 
-def pi_correction_undefined(kernel):
+def pi_correction_undefined(kernel: DiscreteKernel) -> Optional[str]:
     """Why the pi correction, and with it the paper's K = ELBO - correction, is undefined for
     this kernel, or None when it is defined: it needs log pi finite, i.e. pi > 0 in every state."""
     if bool(torch.isfinite(kernel.log_pi).all()):
@@ -64,7 +76,7 @@ def pi_correction_undefined(kernel):
             "(the absorbing kernel's pi is a point mass on the mask state)")
 
 
-def pi_correction(kernel, x0):
+def pi_correction(kernel: DiscreteKernel, x0: Tensor) -> Tensor:
     """log pi(x^0) - E_{q(x^1 | x^0)} log pi(x^1), per sequence: ELBO - K (docs/math.md §2.3).
 
     Raises ValueError for a kernel where it is undefined (:func:`pi_correction_undefined`):
@@ -77,7 +89,7 @@ def pi_correction(kernel, x0):
     return (kernel.log_pi[x0.long()] + cross_entropy(log_q_1, kernel.log_pi)).sum(-1)
 
 
-def papers_K_fields(kernel, x0, elbo_bits, weights=None):
+def papers_K_fields(kernel: DiscreteKernel, x0: Tensor, elbo_bits: float, weights: Optional[Tensor] = None) -> dict:
     """{"K_bits": the paper's K} for a report: ELBO - sum_j w_j pi_correction(x^0_j) in bits
     (w_j = 1/N unless given), or {"K_bits": None, "K_undefined": why} where it is undefined."""
     undefined = pi_correction_undefined(kernel)
@@ -88,13 +100,13 @@ def papers_K_fields(kernel, x0, elbo_bits, weights=None):
     return {"K_bits": elbo_bits - float(correction) / LN2}
 
 
-def closed_form_edge_nll(kernel, x0):
+def closed_form_edge_nll(kernel: DiscreteKernel, x0: Tensor) -> Tensor:
     """-E_{q(x^1 | x^0)} log p(x^0 | x^1) for the paper's edge step, per sequence (docs/math.md §2):
     H_q(X^1 | x^0) - (log pi(x^0) - E_q log pi(x^1)), the edge part of -ELBO."""
     return entropy(kernel.q_marginal_log_probs(x0, 1)).sum(-1) - pi_correction(kernel, x0)
 
 
-def closed_form_loss(kernel, x0):
+def closed_form_loss(kernel: DiscreteKernel, x0: Tensor) -> Tensor:
     """The part of -ELBO that needs no network, per sequence: prior_kl + (for kernels with the
     paper's edge step) closed_form_edge_nll."""
     loss = prior_kl(kernel, x0)
@@ -103,14 +115,15 @@ def closed_form_loss(kernel, x0):
     return loss
 
 
-def log_prob_of(log_probs, x):
+def log_prob_of(log_probs: Tensor, x: Tensor) -> Tensor:
     """log_probs[..., i, x_i] with broadcasting: (..., n, K), (..., n) -> (..., n)."""
     index = x.long().unsqueeze(-1)
     shape = torch.broadcast_shapes(log_probs.shape[:-1], index.shape[:-1])
     return log_probs.expand(*shape, log_probs.shape[-1]).gather(-1, index.expand(*shape, 1)).squeeze(-1)
 
 
-def step_loss(kernel, reverse_log_probs, x0, x_t, t):
+def step_loss(kernel: DiscreteKernel, reverse_log_probs: ReverseLogProbs, x0: Tensor, x_t: Tensor,
+              t: Time) -> Tensor:
     """L_t >= 0, the loss of step t at one x^t, per sequence (its expectation over x^t enters -ELBO):
 
     t >= 2:  KL( q(x^{t-1} | x^t, x^0) || p(x^{t-1} | x^t) )
@@ -128,7 +141,7 @@ def step_loss(kernel, reverse_log_probs, x0, x_t, t):
     return torch.where(torch.as_tensor(t) == 1, -log_prob_of(log_p, x0).sum(-1), kl)
 
 
-def sample_x_t(kernel, x0, t):
+def sample_x_t(kernel: DiscreteKernel, x0: Tensor, t: Time) -> Tensor:
     """x^t ~ q(x^t | x^0) in closed form (t an int or one time per sequence)."""
     return kernel.sample_states(kernel.q_marginal_log_probs(x0, t))
 
@@ -137,12 +150,12 @@ def sample_x_t(kernel, x0, t):
 # Exact evaluation (small n): the expectation over x^t as a sum over all K^n states.
 
 
-def all_states(n, num_states=2, dtype=torch.float64):
+def all_states(n: int, num_states: int = 2, dtype: torch.dtype = torch.float64) -> Tensor:
     """Every sequence in {0..K-1}^n, shape (K^n, n), in lexicographic order."""
     return torch.tensor(list(itertools.product(range(num_states), repeat=n)), dtype=dtype)
 
 
-def elbo_exact(kernel, reverse_log_probs, x0):
+def elbo_exact(kernel: DiscreteKernel, reverse_log_probs: ReverseLogProbs, x0: Tensor) -> Tensor:
     """The ELBO of each x^0 (nats), every expectation over x^t taken exactly.
 
     Costs T x K^n network evaluations: a reference for tests and small cross-checks.
@@ -163,7 +176,7 @@ def elbo_exact(kernel, reverse_log_probs, x0):
 # Monte Carlo estimators
 
 
-def uniform_step_proposal(kernel):
+def uniform_step_proposal(kernel: DiscreteKernel) -> Tensor:
     """r(t) = 1 / (number of stochastic steps), as a (T+1,) table with zeros below the first."""
     first = first_stochastic_step(kernel)
     probs = torch.zeros(kernel.T + 1, dtype=kernel.log_pi.dtype, device=kernel.log_pi.device)
@@ -171,7 +184,8 @@ def uniform_step_proposal(kernel):
     return probs
 
 
-def negative_elbo_estimate(kernel, reverse_log_probs, x0, step_proposal=None):
+def negative_elbo_estimate(kernel: DiscreteKernel, reverse_log_probs: ReverseLogProbs, x0: Tensor,
+                           step_proposal: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Unbiased one-sample estimate of -ELBO(x^0) per sequence, for training.
 
     t ~ r(t) (uniform over the stochastic steps unless ``step_proposal``, a (T+1,) table of
@@ -187,7 +201,8 @@ def negative_elbo_estimate(kernel, reverse_log_probs, x0, step_proposal=None):
     return losses / probs[t] + closed_form_loss(kernel, x0), t, losses
 
 
-def elbo_replicates(kernel, reverse_log_probs, x0, replicates=4, max_rows=65536):
+def elbo_replicates(kernel: DiscreteKernel, reverse_log_probs: ReverseLogProbs, x0: Tensor, replicates: int = 4,
+                    max_rows: int = 65536) -> Tensor:
     """Independent unbiased estimates of ELBO(x^0), shape (N, replicates), in nats.
 
     Each replicate visits every step t once with one x^t ~ q(x^t | x^0) (stratified over t,

@@ -17,9 +17,10 @@ They are derived from the configuration, so they are not saved in checkpoints.
 """
 
 import math
+from typing import Optional, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from bdiff_pyro import registry
 from bdiff_pyro.diffusion.schedules import betas_from_beta_tilde
@@ -27,6 +28,9 @@ from bdiff_pyro.errors import UserError
 
 # ---------------------------------------------------------------------------------------
 # Kernels
+
+#: t: one step for every sequence, or one per sequence (a LongTensor of shape x.shape[:-1])
+Time = Union[int, Tensor]
 
 
 def _index(x):
@@ -65,12 +69,12 @@ class DiscreteKernel(nn.Module):
     closed_form_edge = True
 
     @property
-    def num_data_states(self):
+    def num_data_states(self) -> int:
         """States data can take (all K, except for kernels with an extra mask state)."""
         return self.num_states
 
     @classmethod
-    def build(cls, beta_tilde, num_states, pi_1=0.5):
+    def build(cls, beta_tilde: Tensor, num_states: int, pi_1: float = 0.5) -> "DiscreteKernel":
         """The kernel for a schedule and data with ``num_states`` states per dimension: how
         ``make_kernel`` builds a registered kernel (``pi_1`` is for two-state kernels)."""
         return cls(beta_tilde, num_states)
@@ -93,16 +97,16 @@ class DiscreteKernel(nn.Module):
         self.register_buffer("log_posterior", table, persistent=False)
 
     # -- what a kernel defines ------------------------------------------------------------
-    def step_matrices(self):
+    def step_matrices(self) -> Tensor:
         """(T+1, K, K) float64: Q_0 = I, then Q_t[j, k] = q(x^t = k | x^{t-1} = j)."""
         raise NotImplementedError
 
     @property
-    def stationary(self):
+    def stationary(self) -> Tensor:
         """(K,) float64 stationary distribution pi of the chain."""
         raise NotImplementedError
 
-    def cumulative_matrices(self, Q):
+    def cumulative_matrices(self, Q: Tensor) -> Tensor:
         """Qbar_t = Q_1 ... Q_t by repeated products (kernels with a closed form override)."""
         Qbar = torch.empty_like(Q)
         Qbar[0] = torch.eye(self.num_states, dtype=Q.dtype)
@@ -112,31 +116,31 @@ class DiscreteKernel(nn.Module):
 
     # -- the closed forms every consumer uses -----------------------------------------------
     @property
-    def pi(self):
+    def pi(self) -> Tensor:
         """Stationary distribution over states, e.g. tensor([1 - pi_1, pi_1]) for bits."""
         return self.log_pi.exp()
 
-    def prior_log_probs(self, shape):
+    def prior_log_probs(self, shape: tuple) -> Tensor:
         """log pi(x^T = k) broadcast to shape + (K,)."""
         return self.log_pi.expand(*shape, self.num_states)
 
-    def q_step_log_probs(self, x_prev, t):
+    def q_step_log_probs(self, x_prev: Tensor, t: Time) -> Tensor:
         """log q(x^t = k | x^{t-1}) = log Q_t[x^{t-1}, k], shape (..., n, K)."""
         return _rows(self.log_Q, t, x_prev)
 
-    def q_step_likelihood(self, x_t, t):
+    def q_step_likelihood(self, x_t: Tensor, t: Time) -> Tensor:
         """log q(x^t | x^{t-1} = k) = log Q_t[k, x^t] over k, shape (..., n, K)."""
         return _rows(self.log_Q.transpose(-1, -2), t, x_t)
 
-    def x0_likelihood(self, x_t, t):
+    def x0_likelihood(self, x_t: Tensor, t: Time) -> Tensor:
         """log q(x^t | x^0 = v) = log Qbar_t[v, x^t] over v, shape (..., n, K)."""
         return _rows(self.log_Qbar.transpose(-1, -2), t, x_t)
 
-    def q_marginal_log_probs(self, x0, t):
+    def q_marginal_log_probs(self, x0: Tensor, t: Time) -> Tensor:
         """log q(x^t = k | x^0) = log Qbar_t[x^0, k], shape (..., n, K)."""
         return _rows(self.log_Qbar, t, x0)
 
-    def q_posterior_log_probs(self, x_t, x0, t):
+    def q_posterior_log_probs(self, x_t: Tensor, x0: Tensor, t: Time) -> Tensor:
         """Normalised log q(x^{t-1} = k | x^t, x^0), for t >= 2 (docs/math.md §4):
         a look-up in the table built by :func:`posterior_table`."""
         x_t, x0 = torch.broadcast_tensors(_index(x_t), _index(x0))
@@ -145,7 +149,8 @@ class DiscreteKernel(nn.Module):
         t = torch.as_tensor(t, device=x_t.device).long().unsqueeze(-1).expand(x_t.shape)
         return self.log_posterior[t, x_t, x0]
 
-    def q_posterior_log_probs_mixture(self, x_t, x0_log_probs, t, s=None):
+    def q_posterior_log_probs_mixture(self, x_t: Tensor, x0_log_probs: Tensor, t: Time,
+                                      s: Optional[int] = None) -> Tensor:
         """log sum_v q(x^s = k | x^t, x^0 = v) P(x^0 = v), s = t - 1 unless given (docs/math.md §3).
 
         x0_log_probs: (..., n, K) log P(x^0 = v) per dimension.  This is the through-x^0
@@ -159,14 +164,14 @@ class DiscreteKernel(nn.Module):
             table = posterior_table(self.log_span(s, t), self.log_Qbar[s])[_index(x_t)]
         return safe_logsumexp(x0_log_probs.unsqueeze(-1) + table, dim=-2)  # (..., n, K)
 
-    def log_span(self, s, t):
+    def log_span(self, s: int, t: int) -> Tensor:
         """log of the s -> t transition matrix Q_{s+1} ... Q_t (products; closed forms override)."""
         span = torch.eye(self.num_states, dtype=self.log_Q.dtype, device=self.log_Q.device)
         for step in range(s + 1, t + 1):
             span = span @ self.log_Q[step].exp()
         return span.log()
 
-    def edge_log_probs(self, x1):
+    def edge_log_probs(self, x1: Tensor) -> Tensor:
         """The paper's edge step log p(x^0 = k | x^1) = log q(x^1 | x^0 = k) + log pi_k - log pi(x^1).
 
         Normalised because pi is stationary: sum_k pi_k Q_1[k, j] = pi_j.
@@ -174,7 +179,7 @@ class DiscreteKernel(nn.Module):
         x1 = _index(x1)
         return self.q_step_likelihood(x1, 1) + self.log_pi - self.log_pi[x1].unsqueeze(-1)
 
-    def sample_states(self, log_probs, generator=None):
+    def sample_states(self, log_probs: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """One draw of every position from log_probs (..., n, K): floats 0./1. for K = 2,
         integer codes otherwise.  The same torch operations, hence the same draws for the same
         random state, as sampling the Pyro sites of ``bdiff_pyro.programs.reverse.state_dist``
