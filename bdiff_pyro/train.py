@@ -587,7 +587,9 @@ def finish_run(process, dataset, config, state, run_dir, progress=False):
         metrics["samples"]["pattern_fractions"] = pattern_histogram(samples, dataset.support)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     references = reference_bounds(copy.deepcopy(process.kernel).cpu(), dataset)
-    plots.bound_curve(state.history, run_dir / "bound_curve.png", references)
+    plots.bound_curve(state.history, run_dir / "bound_curve.png", references, selected_step=state.best_step)
+    compared = ("test data", dataset.test) if dataset.test is not None else ("held-out data", dataset.val)
+    plots.marginals_and_correlations(samples.cpu(), compared[1].cpu(), run_dir / "marginals.png", compared[0])
     plots.membership_curve(state.history, run_dir / "proportions.png",
                            held_out=metrics["samples"]["held_out_patterns"] > 0)
     plots.sample_grid(samples[:64].cpu(), run_dir / "samples.png", levels=config.data.levels)

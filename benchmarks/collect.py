@@ -17,6 +17,7 @@ PIECES = [  # (name, directory pattern under benchmarks/out, what it is)
     ("sampling", "sampling-*", "Issue Beat the paper: full and strided sampling of the T = 1000 run"),
     ("heartbeat64", "heartbeat64*", "Issue Beat the paper: n = 64, period 32"),
     ("digits", "digits-*", "Issue Beat the paper: 8x8 digits against exact baselines"),
+    ("uci", "uci-*", "UCI binary benchmarks (dna, mushrooms) beside the published table"),
 ]
 
 
