@@ -78,7 +78,7 @@ IMPORTANCE_ELEMENTS = 2 ** 25
 
 
 def importance_weighted_report(process, x0, num_samples, seed=0, max_elements=IMPORTANCE_ELEMENTS):
-    """The importance-weighted bound (docs/math.md §2; Burda et al. 2016) averaged over the rows of x0,
+    """The importance-weighted bound (docs/math.md §5; Burda et al. 2016) averaged over the rows of x0,
     the forward chain as proposal:
 
         L_S(x^0) = log (1/S) sum_s p(x^{0:T}_s) / q(x^{1:T}_s | x^0),   x^{1:T}_s ~ q(. | x^0),
