@@ -434,13 +434,15 @@ def run_training(setup, run_dir, progress=True, log=print):
                 row["elapsed_s"] = time.perf_counter() - started
                 state.history.append(row)
                 losses = []
-                if state.best_step is None or row["val_elbo_bits"] > state.best_val_elbo_bits:
+                improved = state.best_step is None or row["val_elbo_bits"] > state.best_val_elbo_bits
+                if improved:
                     state.best_step, state.best_val_elbo_bits = state.step, row["val_elbo_bits"]
-                    save(run_dir / BEST_NAME)
                 bar.set_postfix_str(f"-ELBO bits/seq: train {row['loss_bits']:.3f}, val {-row['val_elbo_bits']:.3f}")
             if saving:
                 state.wall_time = time.perf_counter() - started
                 save()
+            if evaluating and improved:  # after the checkpoint: a full disk here still leaves one
+                save(run_dir / BEST_NAME)
             if interrupted:
                 raise TrainingStopped(
                     f"interrupted at step {state.step}; checkpoint saved to {checkpoint}; "
@@ -586,7 +588,8 @@ def finish_run(process, dataset, config, state, run_dir, progress=False):
     if dataset.support is not None:
         metrics["samples"]["pattern_fractions"] = pattern_histogram(samples, dataset.support)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
-    references = reference_bounds(copy.deepcopy(process.kernel).cpu(), dataset)
+    references = {**reference_bounds(copy.deepcopy(process.kernel).cpu(), dataset),
+                  "independent bits (held-out)": metrics["held_out_independent_bits"]}
     plots.bound_curve(state.history, run_dir / "bound_curve.png", references, selected_step=state.best_step)
     compared = ("test data", dataset.test) if dataset.test is not None else ("held-out data", dataset.val)
     plots.marginals_and_correlations(samples.cpu(), compared[1].cpu(), run_dir / "marginals.png", compared[0])

@@ -190,3 +190,4 @@ def test_uci_configs_train_two_steps(tmp_path, name):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test"]["sequences"] == {"uci_dna": 1186, "uci_mushrooms": 5624}[name]
     assert metrics["steps"] == 2 and (tmp_path / "run" / "best.pt").is_file()
+    assert (tmp_path / "run" / "marginals.png").stat().st_size > 10_000
