@@ -42,8 +42,8 @@ def build_process(model_config, n, levels=2):
     options = {"film": model_config.film} if model_config.network == "mlp" else {"dropout": model_config.dropout}
     net = registry.resolve(registry.NETWORKS, model_config.network)(
         n, kernel.num_states, hidden=tuple(model_config.hidden), activation=model_config.activation,
-        time_embedding=model_config.time_embedding, num_features=ReverseProcess.num_features(kernel, model_config.inputs),
-        **options)
+        time_embedding=model_config.time_embedding,
+        num_features=ReverseProcess.num_features(kernel, model_config.inputs), **options)
     return ReverseProcess(kernel, net, model_config.parameterisation, model_config.inputs,
                           model_config.add_own_evidence).float()
 

@@ -26,7 +26,7 @@ STEPS = [
     [PY, "experiments/kernels.py"],
     # issue "Exact cross-check"
     [PY, "-m", "bdiff_pyro", "compare", "experiments/configs/compare.yaml"],
-    # the UCI binary benchmarks (dna, mushrooms) beside the published table: about 40 minutes
+    # the UCI binary benchmarks (dna, mushrooms) beside the published table: about 30 minutes
     [PY, "benchmarks/uci.py"],
     # benchmarks/results.json and results.md: the newest result of each piece
     [PY, "benchmarks/collect.py"],
