@@ -183,12 +183,15 @@ def cmd_evaluate(args):
     if not data.is_file():
         raise UserError(f"{data}: cannot read data file ({'a directory' if data.is_dir() else 'no such file'})")
     from bdiff_pyro.checkpoints import load_with_config
-    from bdiff_pyro.data.datasets import read_sequences
+    from bdiff_pyro.data.datasets import read_npz, read_sequences
     from bdiff_pyro.evaluation import bound_report
 
     config, process = load_with_config(args.checkpoint)
     use_threads(config)
-    x0 = read_sequences(args.data, config.data.levels, config.data.alphabet)
+    if data.suffix == ".npz":
+        x0 = read_npz(data, config.data.levels)[args.split]
+    else:
+        x0 = read_sequences(args.data, config.data.levels, config.data.alphabet)
     if x0.shape[1] != process.n:
         raise UserError(f"{args.data}: sequences of length {x0.shape[1]}, but the model has n = {process.n}")
     report = bound_report(process, x0, replicates=args.replicates, seed=args.seed)
@@ -212,6 +215,15 @@ def cmd_evaluate(args):
         print(f"importance-sampled log p(x^0) = {report['importance_bits']:.4f} ± {report['importance_se_bits']:.4f} "
               f"bits/seq ({args.importance} trajectories per sequence; "
               f"smallest ESS {report['importance_min_ess']:.0f})")
+    if args.samples is not None:
+        from bdiff_pyro.evaluation import importance_weighted_report
+        from bdiff_pyro.util.stats import LN2
+
+        report["importance_weighted"] = iw = importance_weighted_report(process, x0, args.samples, seed=args.seed)
+        print(f"importance-weighted bound (S = {args.samples} forward-chain trajectories per sequence) = "
+              f"{iw['nats']:.4f} ± {iw['se_nats']:.4f} nats/seq ({iw['bits']:.4f} ± {iw['se_bits']:.4f} bits/seq; "
+              f"ELBO {report['elbo_bits'] * LN2:.4f} nats/seq); ESS mean {iw['ess_mean']:.1f}, "
+              f"smallest {iw['ess_min']:.1f} of {args.samples}")
     if args.json:
         print(json.dumps(report, allow_nan=False))
 
@@ -376,13 +388,18 @@ def build_parser():
 
     p = command("evaluate", "the ELBO on a data file, in bits/seq")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR")
-    p.add_argument("data", metavar="DATA_FILE", help="0/1 text lines or a .npy array")
+    p.add_argument("data", metavar="DATA_FILE", help="0/1 text lines, a .npy array, or an .npz (see --split)")
     p.add_argument("--replicates", type=at_least(2), default=8,
                    help="independent estimates of the bound per sequence, for its standard error")
     p.add_argument("--seed", type=seed, default=0, help="random seed of the estimates")
     p.add_argument("--exact", action="store_true", help="also the exact log-likelihood (small n only)")
     p.add_argument("--importance", type=at_least(1), metavar="S",
                    help="also log p(x^0) by importance sampling, S trajectories per sequence")
+    p.add_argument("--samples", type=at_least(1), metavar="S",
+                   help="also the importance-weighted bound log mean_s p(x^{0:T}_s) / q(x^{1:T}_s | x^0) over S "
+                   "forward-chain trajectories per sequence (S = 1: the ELBO), in nats and bits")
+    p.add_argument("--split", choices=("train", "valid", "test"), default="test",
+                   help="the array of an .npz DATA_FILE to score")
     p.add_argument("--json", action="store_true", help="also print the figures as JSON")
     p.set_defaults(func=cmd_evaluate)
 

@@ -23,7 +23,7 @@ MAX_SEED = 2 ** 32 - 1  # pyro.set_rng_seed also seeds NumPy, whose seeds are 32
 
 @dataclass
 class DataConfig:
-    kind: str = "heartbeat"  # heartbeat | text | npy | digits
+    kind: str = "heartbeat"  # heartbeat | text | npy | digits | npz
     n: int = 20  # heartbeat: sequence length
     period: int = 5  # heartbeat: one pulse every `period` positions
     levels: int = 2  # states per position K (2: bits); heartbeat pulses decay one level a step
@@ -31,9 +31,10 @@ class DataConfig:
     train: typing.Optional[str] = None  # text / npy: training file (relative to the config)
     val: typing.Optional[str] = None  # text / npy: held-out file
     split_seed: int = 0  # digits: the seeded train / validation / test split
+    file: typing.Optional[str] = None  # npz: one .npz with arrays train, valid, test (relative to the config)
 
     def validate(self, where):
-        _choice(where, "data.kind", self.kind, ("heartbeat", "text", "npy", "digits"))
+        _choice(where, "data.kind", self.kind, ("heartbeat", "text", "npy", "digits", "npz"))
         _at_least(where, "data.levels", self.levels, 2)
         if self.alphabet is not None and (len(self.alphabet) != self.levels or len(set(self.alphabet)) != self.levels):
             raise UserError(f"{where('data.alphabet', 'data.levels')}: data.alphabet must be {self.levels} distinct "
@@ -46,6 +47,9 @@ class DataConfig:
             if self.period > self.n:
                 raise UserError(f"{where('data.period', 'data.n')}: data.period must be <= data.n "
                                 f"(got {self.period} > {self.n})")
+        elif self.kind == "npz":
+            if self.file is None:
+                raise UserError(f"{where('data.kind')}: data.file is required when data.kind is 'npz'")
         else:
             for key in ("train", "val"):
                 if getattr(self, key) is None:
@@ -54,8 +58,9 @@ class DataConfig:
     def unused_keys(self):
         """The keys that do not apply to this data.kind (the others are read from the files
         or fixed by the data set)."""
-        return {"heartbeat": ("train", "val", "split_seed"), "text": ("n", "period", "split_seed"),
-                "npy": ("n", "period", "split_seed"), "digits": ("n", "period", "train", "val")}[self.kind]
+        return {"heartbeat": ("train", "val", "split_seed", "file"), "text": ("n", "period", "split_seed", "file"),
+                "npy": ("n", "period", "split_seed", "file"), "digits": ("n", "period", "train", "val", "file"),
+                "npz": ("n", "period", "split_seed", "train", "val")}[self.kind]
 
 
 @dataclass
@@ -68,11 +73,12 @@ class ModelConfig:
     parameterisation: str = "x0"  # one of registry.PARAMETERISATIONS
     inputs: str = "state"  # one of registry.INPUTS (programs/reverse.py says what each code is)
     add_own_evidence: bool = True  # evidence inputs, through x^0: add log q(x^t_i | x^0_i) to the logits
-    network: str = "mlp"  # a name in registry.NETWORKS
+    network: str = "mlp"  # a name in registry.NETWORKS: mlp | resmlp (residual, layer norm, dropout)
     hidden: typing.List[int] = field(default_factory=lambda: [128, 128])
     activation: str = "silu"  # a name in registry.ACTIVATIONS
     time_embedding: int = 32
     film: bool = False  # time also scales and shifts every hidden layer (see reverse.MLP)
+    dropout: float = 0.0  # resmlp: probability of zeroing a hidden unit while training
 
     def validate(self, where):
         _choice(where, "model.kernel", self.kernel, tuple(registry.KERNELS))
@@ -94,6 +100,11 @@ class ModelConfig:
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise UserError(f"{where('model.hidden')}: model.hidden must be a non-empty list of positive sizes "
                             f"(got {self.hidden})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"{where('model.dropout')}: model.dropout must be in [0, 1) (got {self.dropout})")
+        if self.network == "resmlp" and len(set(self.hidden)) != 1:
+            raise UserError(f"{where('model.hidden', 'model.network')}: model.network resmlp needs equal model.hidden "
+                            f"sizes (one residual width; got {self.hidden})")
         if self.time_embedding < 2 or self.time_embedding % 2:
             raise UserError(f"{where('model.time_embedding')}: model.time_embedding must be an even number >= 2 "
                             f"(got {self.time_embedding})")
@@ -112,6 +123,7 @@ class TrainConfig:
     eval_sequences: int = 256  # held-out sequences scored at each evaluation during training
     t_sampling: str = "uniform"  # uniform | importance (r(t) ∝ sqrt(E L_t^2), unbiased)
     ema: float = 0.0  # decay of the weight average used for evaluation and samples (0: off)
+    weight_decay: float = 0.0  # L2 penalty on the weights, added to the gradient (pyro.optim.ClippedAdam)
 
     def validate(self, where):
         for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_samples", "eval_sequences"):
@@ -119,6 +131,8 @@ class TrainConfig:
         _choice(where, "train.t_sampling", self.t_sampling, ("uniform", "importance"))
         if not 0.0 <= self.ema < 1.0:
             raise UserError(f"{where('train.ema')}: train.ema must be in [0, 1) (got {self.ema})")
+        if self.weight_decay < 0:
+            raise UserError(f"{where('train.weight_decay')}: train.weight_decay must be >= 0 (got {self.weight_decay})")
         for key in ("lr", "lr_final", "clip_norm"):
             if getattr(self, key) <= 0:
                 raise UserError(f"{where('train.' + key)}: train.{key} must be > 0 (got {getattr(self, key)})")
@@ -182,7 +196,14 @@ def model_spec(config: Config, n: int) -> ModelSpec:
                      T=model.T, n=int(n), num_states=config.data.levels, pi_1=pi_1,
                      parameterisation=model.parameterisation, inputs=model.inputs,
                      add_own_evidence=model.add_own_evidence, network=model.network, hidden=tuple(model.hidden),
-                     activation=model.activation, time_embedding=model.time_embedding, film=model.film)
+                     activation=model.activation, time_embedding=model.time_embedding, film=model.film,
+                     network_options=network_options(model))
+
+
+def network_options(model: ModelConfig) -> dict:
+    """The keys of a model config that only some networks read (each network takes those its
+    constructor names: ``networks.build_network``)."""
+    return {"dropout": model.dropout}
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,7 +238,7 @@ def load_config(path, overrides=()):
     if ignored:
         warnings.warn(f"{origin(*ignored)}: {', '.join(ignored)} ignored: not used when data.kind is "
                       f"{config.data.kind}", ConfigWarning, stacklevel=2)
-    for key in ("train", "val"):
+    for key in ("train", "val", "file"):
         value = getattr(config.data, key)
         if value is not None and not Path(value).is_absolute():
             setattr(config.data, key, str((path.parent / value).resolve()))

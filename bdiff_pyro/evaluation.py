@@ -69,6 +69,54 @@ def _replicates_in_chunks(process, x0, replicates, progress=False):
     return torch.cat(blocks, dim=1)
 
 
+#: trajectory-rows x T x n numbers the importance-weighted bound traces at once (a few copies of
+#: this many float32 numbers live in one Pyro trace: about 130 MB each)
+IMPORTANCE_ELEMENTS = 2 ** 25
+
+
+def importance_weighted_report(process, x0, num_samples, seed=0, max_elements=IMPORTANCE_ELEMENTS):
+    """The importance-weighted bound (docs/math.md §5; Burda et al. 2016) averaged over the rows of x0,
+    the forward chain as proposal:
+
+        L_S(x^0) = log (1/S) sum_s p(x^{0:T}_s) / q(x^{1:T}_s | x^0),   x^{1:T}_s ~ q(. | x^0),
+
+    a lower bound on log p(x^0) in expectation for every S, increasing with S; S = 1 is the
+    ELBO (``programs.enumeration.importance_log_likelihood`` per row).  Each distinct row is
+    scored once, weighted by its count; the trajectories are drawn in blocks of rows and
+    trajectories of at most ``max_elements`` rows x T x n numbers, from ``seed``.
+
+    Returns nats and bits per sequence, ``se_*``: the standard error over sequences (the
+    baselines' and the published tables' error bar; it includes the Monte Carlo error),
+    ``mc_se_nats``: the Monte Carlo part alone (delta method, from the weights), and Kish's
+    effective sample size of the weights (mean and smallest over rows): far below S means the
+    bound is still far from log p(x^0).
+    """
+    from bdiff_pyro.programs.enumeration import effective_sample_size, importance_log_weights, log_mean_exp_with_se
+
+    x0 = x0.to(process.kernel.log_pi)
+    unique, inverse, counts = torch.unique(x0, dim=0, return_inverse=True, return_counts=True)
+    per_call = max(1, max_elements // (process.T * process.n))  # trajectory-rows per trace
+    trajectories = min(num_samples, per_call)
+    rows = max(1, per_call // trajectories)
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        blocks = []
+        for first in range(0, len(unique), rows):
+            block = unique[first:first + rows]
+            blocks.append(torch.cat([importance_log_weights(process, block, min(trajectories, num_samples - start))
+                                     for start in range(0, num_samples, trajectories)]).T.double())  # (rows, S)
+    log_w = torch.cat(blocks)
+    estimate, mc_se = log_mean_exp_with_se(log_w) if num_samples > 1 else (log_w[:, 0], torch.zeros(len(log_w)))
+    per_sequence = estimate[inverse]
+    ess = effective_sample_size(log_w)[inverse]
+    nats = float(per_sequence.mean())
+    se = float(per_sequence.std() / math.sqrt(len(per_sequence))) if len(per_sequence) > 1 else float("nan")
+    mc_se_nats = float(mc_se[inverse].pow(2).sum().sqrt()) / len(per_sequence)
+    return {"samples": num_samples, "nats": nats, "se_nats": se, "mc_se_nats": mc_se_nats, "bits": nats / LN2,
+            "se_bits": se / LN2, "ess_mean": float(ess.mean()), "ess_min": float(ess.min()),
+            "sequences": len(x0), "distinct_scored": len(unique), "seed": seed}
+
+
 def bound_fell(start, end, margin_bits=1.0, num_se=4.0):
     """Why the bound ``end`` lies far below ``start`` (dicts with elbo_bits, se_bits), or None.
 
@@ -81,6 +129,17 @@ def bound_fell(start, end, margin_bits=1.0, num_se=4.0):
         return (f"the held-out bound fell during training, from {start['elbo_bits']:.3f} to "
                 f"{end['elbo_bits']:.3f} bits/seq")
     return None
+
+
+def independent_log_likelihood_bits(train, val, num_states=2):
+    """Mean log2 p(x) over the rows of ``val`` under independent positions fitted on ``train``
+    with add-one counts: p_i(k) = (#{x_i = k} + 1) / (N + K); for bits Laplace's rule, the
+    ``IndependentBernoulli`` baseline.  The floor a model of dependent positions should clear."""
+    train, val = train.long().cpu(), val.long().cpu()
+    counts = torch.nn.functional.one_hot(train, num_states).sum(0).double()  # (n, K)
+    log_probs = (counts + 1).log() - math.log(len(train) + num_states)
+    per_row = log_probs.gather(1, val.T).sum(0)  # sum_i log p_i(val_i), (rows,)
+    return float(per_row.mean()) / LN2
 
 
 def pattern_histogram(samples, patterns):

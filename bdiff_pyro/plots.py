@@ -22,10 +22,10 @@ def _save(fig, path):
     plt.close(fig)
 
 
-def bound_curve(history, path, references=None):
-    """Training loss and held-out bound (bits/seq, with standard errors) against step, and a
+def bound_curve(history, path, references=None, selected_step=None):
+    """Training loss and held-out bound (bits/seq, with standard errors) against step, a
     horizontal line for each known reference (``{label: bits}``, e.g. the data's own
-    log-likelihood and the oracle's ELBO)."""
+    log-likelihood and the oracle's ELBO), and a vertical line at the selected step."""
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [row["step"] for row in history]
     ax.plot(steps, [-row["loss_bits"] for row in history], label="training minibatch estimate", alpha=0.6)
@@ -33,11 +33,52 @@ def bound_curve(history, path, references=None):
                 marker="o", ms=3, capsize=2, label="held-out bound")
     for (label, bits), style in zip((references or {}).items(), (":", "--", "-.")):
         ax.axhline(bits, color="0.25", ls=style, lw=1, label=f"{label}: {bits:.3f}")
+    if selected_step is not None:
+        ax.axvline(selected_step, color="C3", lw=1, alpha=0.6, label=f"selected (best held-out): step {selected_step}")
     ax.set_xlabel("step")
     ax.set_ylabel("ELBO (bits / sequence)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+def marginals_and_correlations(samples, data, path, data_label="test data"):
+    """Two scatter plots against the diagonal: the mean of every position in the samples
+    against the data (for bits, P(x_i = 1)), and the correlation of every pair of positions
+    i < j (pairs where either set has a constant position are left out).  A model that gets
+    the marginals right but ignores the dependencies shows its correlations on the horizontal
+    axis of the second panel."""
+    samples, data = samples.double(), data.double()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4.2))
+    _against_diagonal(left, data.mean(0).numpy(), samples.mean(0).numpy())
+    left.set_title(f"per-position mean ({samples.shape[1]} positions)")
+    left.set_xlabel(f"{data_label} ({len(data)} rows)")
+    left.set_ylabel(f"samples ({len(samples)})")
+    data_corr, sample_corr = _correlations(data), _correlations(samples)
+    i, j = np.triu_indices(data.shape[1], k=1)
+    pairs = np.isfinite(data_corr[i, j]) & np.isfinite(sample_corr[i, j])
+    _against_diagonal(right, data_corr[i, j][pairs], sample_corr[i, j][pairs], size=2)
+    right.set_title(f"pairwise correlation ({int(pairs.sum())} pairs)")
+    right.set_xlabel(data_label)
+    right.set_ylabel("samples")
+    _save(fig, path)
+
+
+def _correlations(x):
+    """Pearson correlations of the columns of x (rows, n); NaN where a column is constant."""
+    centred = (x - x.mean(0)).numpy()
+    scale = np.sqrt((centred ** 2).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (centred.T @ centred) / np.outer(scale, scale)
+
+
+def _against_diagonal(ax, x, y, size=8):
+    low, high = float(min(x.min(initial=0), y.min(initial=0))), float(max(x.max(initial=1), y.max(initial=1)))
+    ax.plot([low, high], [low, high], color="0.4", lw=1, ls="--", label="y = x")
+    ax.scatter(x, y, s=size, alpha=0.5)
+    ax.set_aspect("equal", adjustable="box")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
 
 
 def membership_curve(history, path, held_out=True):

@@ -36,6 +36,7 @@ SCHEDULES_WITH_POWER = ("power",)
 #: name -> network class (per-position features of x^t and the time t -> logits)
 NETWORKS = {
     "mlp": "bdiff_pyro.networks.mlp:MLP",
+    "resmlp": "bdiff_pyro.networks.resmlp:ResMLP",
 }
 
 #: name -> torch.nn activation class

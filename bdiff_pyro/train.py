@@ -35,6 +35,7 @@ from bdiff_pyro.errors import TrainingStopped, TrainingWarning, UserError
 from bdiff_pyro.evaluation import (
     bound_fell,
     bound_report,
+    independent_log_likelihood_bits,
     pattern_histogram,
     reference_bounds,
 )
@@ -137,6 +138,8 @@ class TrainingState:
     history: list = field(default_factory=list)
     snapshots: list = field(default_factory=list)  # (step, samples) frames of the GIF
     start_bound: dict = None  # the held-out bound of the initial weights, as the evaluations estimate it
+    best_step: int = None  # the evaluation with the highest held-out ELBO so far: the weights in best.pt
+    best_val_elbo_bits: float = None
 
 
 def claim_run_dir(config, config_path, out=None, root="runs"):
@@ -187,7 +190,11 @@ def resolve_config(config: Config, dataset: Dataset) -> Config:
 # rate schedule), the weight average and the seed (the random stream continues from the
 # checkpoint).  ``train.steps`` may grow or shrink: the learning rate then decays from its
 # current value to lr_final at the new last step.
-FIXED_ON_RESUME = ("train.lr", "train.lr_final", "train.clip_norm", "train.ema", "seed")
+FIXED_ON_RESUME = ("train.lr", "train.lr_final", "train.clip_norm", "train.weight_decay", "train.ema", "seed")
+
+# Beside the checkpoint: the weights (averaged, with train.ema) of the evaluation with the highest
+# held-out ELBO; the final metrics, samples and plots are those of these weights.
+BEST_NAME = "best.pt"
 
 
 def _check_resumable(config, saved, where):
@@ -299,6 +306,7 @@ def run_training(setup, run_dir, progress=True, log=print):
     optim = pyro.optim.ClippedAdam({
         "lr": config.train.lr,
         "clip_norm": config.train.clip_norm,
+        "weight_decay": config.train.weight_decay,
         "lrd": (config.train.lr_final / config.train.lr) ** (1.0 / config.train.steps),
     })
     state = TrainingState()
@@ -344,7 +352,7 @@ def run_training(setup, run_dir, progress=True, log=print):
         if problem is not None:
             raise diverged(problem)
 
-    def save():
+    def save(path=checkpoint):
         nonlocal last_saved
         payload = {"format": FORMAT, "spec": spec.to_dict(), "config": config.to_dict(), "n": dataset.n,
                    "optim_state": optim.get_state(),
@@ -353,8 +361,9 @@ def run_training(setup, run_dir, progress=True, log=print):
             payload["raw_model_state"] = _copy(process.state_dict())
         with averaged():
             payload["model_state"] = _copy(process.state_dict())
-        save_atomically(payload, checkpoint)
-        last_saved = state.step
+        save_atomically(payload, path)
+        if path == checkpoint:
+            last_saved = state.step
 
     if state.step == 0:
         with averaged():
@@ -396,10 +405,15 @@ def run_training(setup, run_dir, progress=True, log=print):
                 row["elapsed_s"] = time.perf_counter() - started
                 state.history.append(row)
                 losses = []
+                improved = state.best_step is None or row["val_elbo_bits"] > state.best_val_elbo_bits
+                if improved:
+                    state.best_step, state.best_val_elbo_bits = state.step, row["val_elbo_bits"]
                 bar.set_postfix_str(f"-ELBO bits/seq: train {row['loss_bits']:.3f}, val {-row['val_elbo_bits']:.3f}")
             if saving:
                 state.wall_time = time.perf_counter() - started
                 save()
+            if evaluating and improved:  # after the checkpoint: a full disk here still leaves one
+                save(run_dir / BEST_NAME)
             if interrupted:
                 raise TrainingStopped(
                     f"interrupted at step {state.step}; checkpoint saved to {checkpoint}; "
@@ -411,6 +425,10 @@ def run_training(setup, run_dir, progress=True, log=print):
         if fell:
             warnings.warn(f"{fell}; the model may have collapsed (train.lr = {config.train.lr:g} too large?)",
                           TrainingWarning, stacklevel=2)
+    if state.best_step is not None and state.best_step != state.step:  # finish with the selected weights
+        best = torch.load(run_dir / BEST_NAME, map_location="cpu", weights_only=True)["model_state"]
+        process.load_state_dict({k: v for k, v in best.items() if not k.startswith("kernel.")})
+        average, averaged = None, contextlib.nullcontext
     return finish_training(process, averaged, dataset, config, state, run_dir, progress, log)
 
 
@@ -429,6 +447,9 @@ def finish_training(process, averaged, dataset, config, state, run_dir, progress
     try:
         with averaged():
             metrics = finish_run(process, dataset, config, state, run_dir, progress=progress)
+        worse = worse_than_independent(metrics)
+        if worse:
+            warnings.warn(worse, TrainingWarning, stacklevel=3)
         if config.evaluate.diagnose:
             from bdiff_pyro.diagnostics import diagnose
             diagnose(run_dir, seed=config.seed, progress=progress, log=log)
@@ -439,6 +460,17 @@ def finish_training(process, averaged, dataset, config, state, run_dir, progress
         raise TrainingStopped(f"training finished but the final evaluation failed ({type(error).__name__}: "
                               f"{reason}); {kept}", exit_code=1) from error
     return metrics
+
+
+def worse_than_independent(metrics):
+    """One line when the chosen model's held-out ELBO is below the log-likelihood that
+    independent bits (fitted on the training data, add-one) give the same held-out data, else None."""
+    elbo, baseline = metrics["held_out"]["elbo_bits"], metrics["held_out_independent_bits"]
+    if elbo >= baseline:
+        return None
+    return (f"the model (step {metrics['selected_step']}) generalises worse than independent bits: held-out ELBO "
+            f"{elbo:.3f} ± {metrics['held_out']['se_bits']:.3f} bits/seq, independent bits fitted on the training "
+            f"data {baseline:.3f}; try more data, a smaller model or more regularisation")
 
 
 def non_finite_weight(process):
@@ -514,17 +546,25 @@ def finish_run(process, dataset, config, state, run_dir, progress=False):
     sampling_seconds = time.perf_counter() - started
     metrics = {
         "train": train_bound, "held_out": val_bound,
+        "held_out_independent_bits": independent_log_likelihood_bits(dataset.train, dataset.val, config.data.levels),
+        "selected_step": state.best_step,
         "samples": {"num": config.evaluate.num_samples, **membership_fractions(samples, dataset.train, dataset.val),
                     "held_out_patterns": distinct_held_out(dataset.train, dataset.val),
                     "per_second": config.evaluate.num_samples / sampling_seconds},
         "wall_time_s": state.wall_time, "steps": state.step, "T": process.T, "n": dataset.n,
         "num_parameters": sum(p.numel() for p in process.parameters()),
     }
+    if dataset.test is not None:  # the final figure: the only use of the test split
+        metrics["test"] = bound_report(process, dataset.test, evaluate.replicates, seed=config.seed + 2, distinct=True,
+                                       max_sequences=max_sequences, progress=progress and "K on test data")
     if dataset.support is not None:
         metrics["samples"]["pattern_fractions"] = pattern_histogram(samples, dataset.support)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
-    references = reference_bounds(copy.deepcopy(process.kernel).cpu(), dataset)
-    plots.bound_curve(state.history, run_dir / "bound_curve.png", references)
+    references = {**reference_bounds(copy.deepcopy(process.kernel).cpu(), dataset),
+                  "independent bits (held-out)": metrics["held_out_independent_bits"]}
+    plots.bound_curve(state.history, run_dir / "bound_curve.png", references, selected_step=state.best_step)
+    compared = ("test data", dataset.test) if dataset.test is not None else ("held-out data", dataset.val)
+    plots.marginals_and_correlations(samples.cpu(), compared[1].cpu(), run_dir / "marginals.png", compared[0])
     plots.membership_curve(state.history, run_dir / "proportions.png",
                            held_out=metrics["samples"]["held_out_patterns"] > 0)
     plots.sample_grid(samples[:64].cpu(), run_dir / "samples.png", levels=config.data.levels)

@@ -17,6 +17,7 @@ PIECES = [  # (name, directory pattern under benchmarks/out, what it is)
     ("sampling", "sampling-*", "Full and strided sampling of the T = 1000 run"),
     ("heartbeat64", "heartbeat64*", "n = 64, period 32"),
     ("digits", "digits-*", "8x8 digits against exact baselines"),
+    ("uci", "uci-*", "UCI binary benchmarks (dna, mushrooms) beside the published table"),
 ]
 
 

@@ -1,7 +1,7 @@
-"""Data sets: generated (heartbeat), read from files (text, .npy), or shipped with a package
+"""Data sets: generated (heartbeat), read from files (text, .npy, .npz), or shipped with a package
 (scikit-learn's 8x8 digits).  ``load_dataset`` turns a data config into a ``Dataset``."""
 
-from bdiff_pyro.data.datasets import Dataset, heartbeat, read_sequences
+from bdiff_pyro.data.datasets import Dataset, heartbeat, read_npz, read_sequences
 from bdiff_pyro.errors import UserError
 
 __all__ = ["Dataset", "load_dataset"]
@@ -19,6 +19,9 @@ def load_dataset(data_config):
 
         splits = digits_splits(binary=data_config.levels == 2, seed=data_config.split_seed)
         return Dataset(train=splits["train"], val=splits["val"])
+    if data_config.kind == "npz":
+        splits = read_npz(data_config.file, data_config.levels)
+        return Dataset(train=splits["train"], val=splits["valid"], test=splits["test"])
     levels, alphabet = data_config.levels, data_config.alphabet
     train = read_sequences(data_config.train, levels, alphabet, data_config.kind)
     val = read_sequences(data_config.val, levels, alphabet, data_config.kind)

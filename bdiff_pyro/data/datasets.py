@@ -86,6 +86,53 @@ def read_npy(path, levels=2):
     return torch.as_tensor(array.astype(np.float32))
 
 
+#: the arrays a data.kind npz file must hold: fitting, selection, and the final figure only
+NPZ_SPLITS = ("train", "valid", "test")
+
+
+def read_npz(path, levels=2):
+    """The ``train`` / ``valid`` / ``test`` arrays of one .npz file, {split: (rows, n) float
+    tensor}: each 2-D, non-empty, of integer (or bool) codes 0..levels-1, all of one width."""
+    path = Path(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except OSError as error:
+        raise UserError(f"{path}: cannot read data file ({error.strerror or error})") from None
+    except (ValueError, EOFError) as error:
+        raise UserError(f"{path}: not a readable .npz archive ({error})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise UserError(f"{path}: a single array, not an .npz archive with arrays {', '.join(NPZ_SPLITS)}")
+    splits = {}
+    with archive:
+        for key in NPZ_SPLITS:
+            if key not in archive.files:
+                raise UserError(f"{path}: no array {key!r} (the archive holds {', '.join(archive.files) or 'nothing'}; "
+                                f"data.kind npz needs {', '.join(NPZ_SPLITS)})")
+            try:
+                array = archive[key]
+            except ValueError as error:  # an object array: would need pickle
+                raise UserError(f"{path}: array {key!r} cannot be read without pickle ({error})") from None
+            splits[key] = _check_codes(array, f"{path}: array {key!r}", levels)
+    widths = {key: array.shape[1] for key, array in splits.items()}
+    if len(set(widths.values())) > 1:
+        raise UserError(f"{path}: arrays of different widths ({', '.join(f'{k} {w}' for k, w in widths.items())})")
+    return {key: torch.as_tensor(array.astype(np.float32)) for key, array in splits.items()}
+
+
+def _check_codes(array, what, levels):
+    """``array`` if it is a non-empty 2-D bool or integer array of codes 0..levels-1, else a UserError."""
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise UserError(f"{what}: expected a non-empty 2-D array (got shape {array.shape})")
+    if array.dtype != bool and not np.issubdtype(array.dtype, np.integer):
+        raise UserError(f"{what}: dtype {array.dtype}, expected integers or bool (codes 0..{levels - 1})")
+    bad = ~np.isin(array, np.arange(levels))
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise UserError(f"{what}: row {row}, column {col} holds {array[row, col].item()!r} "
+                        f"(values must be integers 0..{levels - 1})")
+    return array
+
+
 def read_sequences(path, levels=2, alphabet=None, kind=None):
     """Read a data file as ``kind`` ("npy" or "text"); without a kind, by its suffix: .npy
     arrays, anything else as text lines."""
@@ -108,6 +155,7 @@ class Dataset:
     train: torch.Tensor
     val: torch.Tensor
     support: Optional[torch.Tensor] = None  # known finite support (heartbeat), equally likely
+    test: Optional[torch.Tensor] = None  # scored once, for the final figure only (npz data)
 
     @property
     def n(self):

@@ -42,11 +42,11 @@ from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from torch.nn import functional as F
 
-from bdiff_pyro import registry
 from bdiff_pyro.diffusion.kernels import make_kernel, normalise
 from bdiff_pyro.diffusion.schedules import make_beta_tilde
 from bdiff_pyro.diffusion.steps import binary_mixture_logits, edge_or_step
 from bdiff_pyro.errors import UserError
+from bdiff_pyro.networks import build_network
 from bdiff_pyro.programs import sampling
 from bdiff_pyro.programs.sites import state_dist
 from bdiff_pyro.programs.spec import ModelSpec
@@ -105,10 +105,9 @@ class ReverseProcess(PyroModule):
         """A freshly initialised float32 reverse process as ``spec`` describes it: the kernel
         through ``make_kernel`` / ``make_beta_tilde``, the network through ``registry.NETWORKS``."""
         kernel = kernel_from_spec(spec)
-        network = registry.resolve(registry.NETWORKS, spec.network, "network")
-        net = network(spec.n, kernel.num_states, hidden=tuple(spec.hidden), activation=spec.activation,
-                      time_embedding=spec.time_embedding, num_features=cls.num_features(kernel, spec.inputs),
-                      film=spec.film)
+        options = {"hidden": tuple(spec.hidden), "activation": spec.activation,
+                   "time_embedding": spec.time_embedding, "film": spec.film, **spec.network_options}
+        net = build_network(spec.network, spec.n, kernel.num_states, cls.num_features(kernel, spec.inputs), options)
         return cls(kernel, net, spec.parameterisation, spec.inputs, spec.add_own_evidence).float()
 
     @staticmethod

@@ -31,6 +31,8 @@ class ModelSpec:
     activation: str
     time_embedding: int
     film: bool
+    #: options of the network beyond those above (e.g. dropout), passed by name to its constructor
+    network_options: dict = dataclasses.field(default_factory=dict, hash=False)
 
     def to_dict(self) -> dict:
         """Plain values only (``hidden`` as a list), so that a checkpoint holding it is read
@@ -44,4 +46,5 @@ class ModelSpec:
         """The inverse of :meth:`to_dict`; a KeyError or TypeError names a missing or unknown key."""
         values = dict(values)
         values["hidden"] = tuple(values["hidden"])
+        values.setdefault("network_options", {})  # specs saved before networks had options
         return cls(**values)
