@@ -32,6 +32,9 @@ SCHEDULES_WITH_POWER = ("power",)
 #: name -> network class (per-position features of x^t and the time t -> logits)
 NETWORKS = {
     "mlp": "bdiff_pyro.networks.mlp:MLP",
+    "conv1d": "bdiff_pyro.networks.conv1d:Conv1dNet",
+    "conv2d": "bdiff_pyro.networks.conv2d:Conv2dNet",
+    "transformer": "bdiff_pyro.networks.transformer:TransformerNet",
 }
 
 #: name -> torch.nn activation class
