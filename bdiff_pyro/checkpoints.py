@@ -7,6 +7,7 @@ cannot run code when it is loaded.  Format 2 adds nothing but that promise; form
 checkpoints that keep it load as well.
 """
 
+import dataclasses
 import errno
 import io
 import os
@@ -20,7 +21,7 @@ from bdiff_pyro.config import config_from_dict
 from bdiff_pyro.diffusion.kernels import make_kernel
 from bdiff_pyro.diffusion.schedules import make_beta_tilde
 from bdiff_pyro.errors import UserError
-from bdiff_pyro.networks.mlp import MLP
+from bdiff_pyro.networks import build_network
 from bdiff_pyro.programs.reverse import ReverseProcess
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -39,10 +40,8 @@ def build_kernel(model_config, levels=2):
 def build_process(model_config, n, levels=2):
     """A freshly initialised reverse process for sequences of length n."""
     kernel = build_kernel(model_config, levels)
-    net = MLP(n, kernel.num_states, hidden=tuple(model_config.hidden),
-                     activation=model_config.activation, time_embedding=model_config.time_embedding,
-                     num_features=ReverseProcess.num_features(kernel, model_config.inputs),
-                     film=model_config.film)
+    net = build_network(model_config.network, n, kernel.num_states,
+                        ReverseProcess.num_features(kernel, model_config.inputs), dataclasses.asdict(model_config))
     return ReverseProcess(kernel, net, model_config.parameterisation, model_config.inputs,
                           model_config.add_own_evidence).float()
 

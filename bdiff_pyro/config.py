@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from bdiff_pyro import registry
 from bdiff_pyro.errors import UserError
 
 MAX_SEED = 2 ** 32 - 1  # pyro.set_rng_seed also seeds NumPy, whose seeds are 32-bit
@@ -70,6 +71,14 @@ class ModelConfig:
     activation: str = "silu"  # sigmoid | tanh | relu | silu
     time_embedding: int = 32
     film: bool = False  # time also scales and shifts every hidden layer (see reverse.MLP)
+    network: str = "mlp"  # mlp | conv1d | conv2d | transformer (bdiff_pyro.registry.NETWORKS)
+    channels: int = 64  # conv1d, conv2d, transformer: numbers per position in every block
+    blocks: int = 2  # conv1d, conv2d: residual blocks; transformer: encoder layers
+    kernel_size: int = 5  # conv1d, conv2d: odd width of every convolution
+    padding: str = "circular"  # conv1d, conv2d: circular (shift-equivariant) | zeros
+    image_shape: typing.Optional[typing.List[int]] = None  # conv2d: [height, width] (default: square)
+    heads: int = 4  # transformer: attention heads (a divisor of channels)
+    position_code: str = "learned"  # transformer: learned | sinusoidal | none (permutation-equivariant)
 
     def validate(self, where):
         _choice(where, "model.kernel", self.kernel, ("bernoulli", "uniform", "absorbing", "gaussian"))
@@ -91,6 +100,19 @@ class ModelConfig:
             raise UserError(f"{where('model.hidden')}: model.hidden must be a non-empty list of positive sizes (got {self.hidden})")
         if self.time_embedding < 2 or self.time_embedding % 2:
             raise UserError(f"{where('model.time_embedding')}: model.time_embedding must be an even number >= 2 (got {self.time_embedding})")
+        _choice(where, "model.network", self.network, tuple(registry.NETWORKS))
+        for key in ("channels", "blocks", "kernel_size", "heads"):
+            _at_least(where, f"model.{key}", getattr(self, key), 1)
+        if self.kernel_size % 2 == 0:
+            raise UserError(f"{where('model.kernel_size')}: model.kernel_size must be odd (got {self.kernel_size})")
+        _choice(where, "model.padding", self.padding, ("circular", "zeros"))
+        if self.image_shape is not None and (len(self.image_shape) != 2 or min(self.image_shape) < 1):
+            raise UserError(f"{where('model.image_shape')}: model.image_shape must be [height, width] of positive "
+                            f"sizes (got {self.image_shape})")
+        if self.network == "transformer" and self.channels % self.heads:
+            raise UserError(f"{where('model.channels', 'model.heads')}: model.channels must be a multiple of "
+                            f"model.heads (got {self.channels} and {self.heads})")
+        _choice(where, "model.position_code", self.position_code, ("learned", "sinusoidal", "none"))
 
 
 @dataclass
