@@ -16,11 +16,11 @@ def image_shape_for(n: int, image_shape: Union[Sequence[int], None]) -> tuple:
     if image_shape is None:
         side = math.isqrt(n)
         if side * side != n:
-            raise ValueError(f"n = {n} is not a square: give the image shape (height, width)")
+            raise ValueError(f"n = {n} is not a square: give image_shape (height, width)")
         return side, side
     height, width = (int(size) for size in image_shape)
     if height * width != n:
-        raise ValueError(f"image shape {height} x {width} has {height * width} pixels, but sequences have n = {n}")
+        raise ValueError(f"image_shape {height} x {width} has {height * width} pixels, but sequences have n = {n}")
     return height, width
 
 
