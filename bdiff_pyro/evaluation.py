@@ -15,7 +15,7 @@ from bdiff_pyro.diffusion.bound import (
     papers_K_fields,
 )
 from bdiff_pyro.diffusion.oracle import OracleReverse, oracle_report
-from bdiff_pyro.memory import rows_per_chunk
+from bdiff_pyro.memory import network_widths, rows_per_chunk
 
 
 def bound_report(process, x0, replicates=8, seed=0, distinct=False, max_sequences=None, progress=False):
@@ -59,8 +59,7 @@ def _replicates_in_chunks(process, x0, replicates, progress=False):
     """``bound.elbo_replicates`` (N, R), a few replicates per call so that one call's rows
     fit in one chunk (at least one replicate per call; elbo_replicates chunks its rows too)."""
     kernel = process.kernel
-    rows = rows_per_chunk(process.n, kernel.num_states, [layer.out_features for layer in
-                                                         [process.net.state_in, *process.net.hidden]])
+    rows = rows_per_chunk(process.n, kernel.num_states, network_widths(process))
     steps = kernel.T + 1 - first_stochastic_step(kernel)
     per_call = max(1, rows // (steps * len(x0)))
     blocks = []

@@ -100,7 +100,7 @@ def iter_sample_batches(process, num, seed=None, steps=None, batch=None):
     holds one batch in memory whatever ``num`` is.  One seeded random stream runs through
     all the batches."""
     if batch is None:
-        batch = rows_per_chunk(process.n, process.kernel.num_states, _widths(process))
+        batch = rows_per_chunk(process.n, process.kernel.num_states, network_widths(process))
     rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
     with rng:
         if seed is not None:
@@ -109,5 +109,6 @@ def iter_sample_batches(process, num, seed=None, steps=None, batch=None):
             yield process.sample(min(batch, num - start), steps=steps)
 
 
-def _widths(process):
-    return [layer.out_features for layer in [process.net.state_in, *process.net.hidden]]
+def network_widths(process):
+    """The numbers each layer of the network holds per row (its ``activation_widths``)."""
+    return list(process.net.activation_widths)

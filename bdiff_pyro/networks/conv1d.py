@@ -49,6 +49,12 @@ class Conv1dNet(nn.Module):
         self.norm_out, self.act = group_norm(channels), make_activation(activation)
         self.out = nn.Conv1d(channels, num_states - 1, 1)
 
+    @property
+    def activation_widths(self) -> list:
+        """Numbers per sequence each layer holds (for the memory estimates): channels x n for
+        the lift, and for every block its two convolutions, two norms and their activations."""
+        return [self.n * self.lift.out_channels] * (1 + 6 * len(self.blocks))
+
     def forward(self, features: torch.Tensor, t) -> torch.Tensor:
         """(..., n, num_features) features and an int or per-sequence t -> (..., n, K - 1)."""
         dtype = self.lift.weight.dtype

@@ -57,6 +57,13 @@ class TransformerNet(nn.Module):
             nn.init.zeros_(self.film.bias)
         self.out = nn.Linear(channels, num_states - 1)
 
+    @property
+    def activation_widths(self) -> list:
+        """Numbers per sequence each layer holds (for the memory estimates): per encoder layer
+        the attention weights (heads x n x n) and about 8 x channels per position."""
+        channels, heads = self.embed.out_features, self.encoder.layers[0].self_attn.num_heads
+        return [self.n * channels] + [heads * self.n ** 2 + 8 * channels * self.n] * len(self.encoder.layers)
+
     def forward(self, features: torch.Tensor, t) -> torch.Tensor:
         """(..., n, num_features) features and an int or per-sequence t -> (..., n, K - 1)."""
         dtype = self.embed.weight.dtype

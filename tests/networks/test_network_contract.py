@@ -156,3 +156,16 @@ def test_conv2d_neighbours_are_pixels_of_the_image_grid():
     expected = torch.zeros(8, 8, dtype=torch.bool)
     expected[:2, :2] = True
     assert torch.equal(changed, expected.flatten().expand(3, 64))
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_evaluation_and_batched_sampling_run_on_every_network(name):
+    """The chunk sizes of evaluation and sampling read the network's activation_widths."""
+    from bdiff_pyro.evaluation import bound_report
+    from bdiff_pyro.memory import sample_in_batches
+    process = make_network_process(name, n=4, T=4).float()
+    assert all(isinstance(w, int) and w > 0 for w in process.net.activation_widths)
+    report = bound_report(process, all_states(4).float(), replicates=2, seed=0)
+    assert report["distinct_scored"] == 16 and report["elbo_bits"] < 0
+    batched = sample_in_batches(process, 10, seed=3, batch=4)
+    assert torch.equal(batched[:4], process.sample(4, seed=3))
