@@ -73,12 +73,19 @@ class ModelConfig:
     parameterisation: str = "x0"  # one of registry.PARAMETERISATIONS
     inputs: str = "state"  # one of registry.INPUTS (programs/reverse.py says what each code is)
     add_own_evidence: bool = True  # evidence inputs, through x^0: add log q(x^t_i | x^0_i) to the logits
-    network: str = "mlp"  # a name in registry.NETWORKS: mlp | resmlp (residual, layer norm, dropout)
+    network: str = "mlp"  # a name in registry.NETWORKS: mlp | resmlp | conv1d | conv2d | transformer
     hidden: typing.List[int] = field(default_factory=lambda: [128, 128])
     activation: str = "silu"  # a name in registry.ACTIVATIONS
     time_embedding: int = 32
     film: bool = False  # time also scales and shifts every hidden layer (see reverse.MLP)
     dropout: float = 0.0  # resmlp: probability of zeroing a hidden unit while training
+    channels: int = 64  # conv1d, conv2d, transformer: numbers per position in every block
+    blocks: int = 2  # conv1d, conv2d: residual blocks; transformer: encoder layers
+    kernel_size: int = 5  # conv1d, conv2d: odd width of every convolution
+    padding: str = "circular"  # conv1d, conv2d: circular (shift-equivariant) | zeros
+    image_shape: typing.Optional[typing.List[int]] = None  # conv2d: [height, width] (default: square)
+    heads: int = 4  # transformer: attention heads (a divisor of channels)
+    position_code: str = "learned"  # transformer: learned | sinusoidal | none (permutation-equivariant)
 
     def validate(self, where):
         _choice(where, "model.kernel", self.kernel, tuple(registry.KERNELS))
@@ -108,6 +115,18 @@ class ModelConfig:
         if self.time_embedding < 2 or self.time_embedding % 2:
             raise UserError(f"{where('model.time_embedding')}: model.time_embedding must be an even number >= 2 "
                             f"(got {self.time_embedding})")
+        for key in ("channels", "blocks", "kernel_size", "heads"):
+            _at_least(where, f"model.{key}", getattr(self, key), 1)
+        if self.kernel_size % 2 == 0:
+            raise UserError(f"{where('model.kernel_size')}: model.kernel_size must be odd (got {self.kernel_size})")
+        _choice(where, "model.padding", self.padding, ("circular", "zeros"))
+        if self.image_shape is not None and (len(self.image_shape) != 2 or min(self.image_shape) < 1):
+            raise UserError(f"{where('model.image_shape')}: model.image_shape must be [height, width] of positive "
+                            f"sizes (got {self.image_shape})")
+        if self.network == "transformer" and self.channels % self.heads:
+            raise UserError(f"{where('model.channels', 'model.heads')}: model.channels must be a multiple of "
+                            f"model.heads (got {self.channels} and {self.heads})")
+        _choice(where, "model.position_code", self.position_code, ("learned", "sinusoidal", "none"))
 
 
 @dataclass
@@ -203,7 +222,12 @@ def model_spec(config: Config, n: int) -> ModelSpec:
 def network_options(model: ModelConfig) -> dict:
     """The keys of a model config that only some networks read (each network takes those its
     constructor names: ``networks.build_network``)."""
-    return {"dropout": model.dropout}
+    return {key: getattr(model, key) for key in NETWORK_OPTION_KEYS}
+
+
+#: ModelConfig keys that only some networks read (see each network's constructor)
+NETWORK_OPTION_KEYS = ("dropout", "channels", "blocks", "kernel_size", "padding", "image_shape", "heads",
+                       "position_code")
 
 
 # ---------------------------------------------------------------------------------------

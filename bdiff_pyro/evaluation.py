@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from bdiff_pyro.config import model_spec
 from bdiff_pyro.diffusion.bound import elbo_replicates, first_stochastic_step, papers_K_fields
 from bdiff_pyro.diffusion.oracle import OracleReverse, oracle_report
-from bdiff_pyro.memory import rows_per_chunk
+from bdiff_pyro.memory import network_widths, rows_per_chunk
 from bdiff_pyro.programs.reverse import kernel_from_spec
 from bdiff_pyro.programs.sampling import ancestral_sample
 from bdiff_pyro.util.stats import LN2, mean_and_standard_error
@@ -56,8 +56,7 @@ def _replicates_in_chunks(process, x0, replicates, progress=False):
     """``bound.elbo_replicates`` (N, R), a few replicates per call so that one call's rows
     fit in one chunk (at least one replicate per call; elbo_replicates chunks its rows too)."""
     kernel = process.kernel
-    rows = rows_per_chunk(process.n, kernel.num_states, [layer.out_features for layer in
-                                                         [process.net.state_in, *process.net.hidden]])
+    rows = rows_per_chunk(process.n, kernel.num_states, network_widths(process))
     steps = kernel.T + 1 - first_stochastic_step(kernel)
     per_call = max(1, rows // (steps * len(x0)))
     blocks = []

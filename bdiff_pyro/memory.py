@@ -100,11 +100,12 @@ def iter_sample_batches(process, num, seed=None, steps=None, batch=None):
     holds one batch in memory whatever ``num`` is.  One generator, seeded with ``seed``, runs
     through all the batches (no seed: torch's global generator)."""
     if batch is None:
-        batch = rows_per_chunk(process.n, process.kernel.num_states, _widths(process))
+        batch = rows_per_chunk(process.n, process.kernel.num_states, network_widths(process))
     generator = as_generator(seed, process.kernel.log_pi.device)
     for start in range(0, num, batch):
         yield process.sample(min(batch, num - start), steps=steps, generator=generator)
 
 
-def _widths(process):
-    return [layer.out_features for layer in [process.net.state_in, *process.net.hidden]]
+def network_widths(process):
+    """The numbers each layer of the network holds per row (its ``activation_widths``)."""
+    return list(process.net.activation_widths)

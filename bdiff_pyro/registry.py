@@ -37,6 +37,9 @@ SCHEDULES_WITH_POWER = ("power",)
 NETWORKS = {
     "mlp": "bdiff_pyro.networks.mlp:MLP",
     "resmlp": "bdiff_pyro.networks.resmlp:ResMLP",
+    "conv1d": "bdiff_pyro.networks.conv1d:Conv1dNet",
+    "conv2d": "bdiff_pyro.networks.conv2d:Conv2dNet",
+    "transformer": "bdiff_pyro.networks.transformer:TransformerNet",
 }
 
 #: name -> torch.nn activation class

@@ -111,3 +111,30 @@ def assert_one_line(result, *fragments, status=2) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def tiny_network_options(name, n):
+    """Small options for every registered network (conv2d lays n positions out as a 2 x n/2
+    or 1 x n image)."""
+    return dict(hidden=(8, 8), activation="tanh", time_embedding=8, channels=8, blocks=1, kernel_size=3,
+                padding="circular", heads=2, position_code="learned",
+                image_shape=(2, n // 2) if name == "conv2d" and n % 2 == 0 else (1, n))
+
+
+def make_network_process(name, n=2, T=3, case=("bernoulli", 2, 0.5), schedule="cosine", parameterisation="x0",
+                         inputs="state", film=False, seed=0, **options):
+    """A random float64 reverse process with the registered network ``name`` (FiLM layers
+    given random weights, every weight doubled so that the output varies strongly with x^t)."""
+    from bdiff_pyro.diffusion.kernels import make_kernel
+    from bdiff_pyro.networks import build_network
+    kind, num_states, pi_1 = case
+    torch.manual_seed(seed)
+    kernel = make_kernel(kind, make_beta_tilde(schedule, T), num_states, pi_1 if pi_1 is not None else 0.5)
+    net = build_network(name, n, kernel.num_states, ReverseProcess.num_features(kernel, inputs),
+                        {**tiny_network_options(name, n), "film": film, **options})
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():  # FiLM starts at zero
+                p.normal_(0, 0.3)
+            p.mul_(2.0)
+    return ReverseProcess(kernel, net, parameterisation, inputs).double()

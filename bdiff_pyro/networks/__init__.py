@@ -2,7 +2,9 @@
 
 Every network is a class registered by name in ``bdiff_pyro.registry.NETWORKS`` and built as
 ``cls(n, num_states, num_features=..., **its own options)``: ``mlp`` (over the flattened
-sequence) and ``resmlp`` (residual blocks with layer normalisation and dropout, for tabular bits).
+sequence), ``resmlp`` (residual blocks with layer normalisation and dropout, for tabular bits),
+``conv1d`` (over positions), ``conv2d`` (over the pixels of an image) and ``transformer``
+(attention over positions).
 """
 
 import inspect

@@ -48,6 +48,11 @@ class MLP(nn.Module):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
+    @property
+    def activation_widths(self):
+        """Numbers per sequence each layer holds (for the memory estimates)."""
+        return [layer.out_features for layer in [self.state_in, *self.hidden]]
+
     def forward(self, features, t):
         """(..., n, num_features) features and an int or per-sequence t -> (..., n, K - 1)
         logits of states 1..K-1 against state 0."""

@@ -48,6 +48,13 @@ class ResMLP(nn.Module):
         self.act = registry.resolve(registry.ACTIVATIONS, activation, "activation")()
         self.dropout = nn.Dropout(dropout)
 
+    @property
+    def activation_widths(self):
+        """Numbers per sequence each layer holds (for the memory estimates): the stream and,
+        in each block, its normalised input, its hidden layer and its output."""
+        width = self.state_in.out_features
+        return [width] + [width] * (3 * len(self.hidden))
+
     def forward(self, features: torch.Tensor, t) -> torch.Tensor:
         """(..., n, num_features) features and an int or per-sequence t -> (..., n, K - 1) logits."""
         dtype = self.state_in.weight.dtype
