@@ -6,14 +6,20 @@ import dataclasses
 import pytest
 import torch
 
-from bdiff_pyro.checkpoints import build_process, load, save_atomically
-from bdiff_pyro.config import ModelConfig, config_from_dict
+from bdiff_pyro.checkpoints import load, save_atomically
+from bdiff_pyro.config import Config, ModelConfig, config_from_dict, model_spec
 from bdiff_pyro.errors import UserError
 from bdiff_pyro.networks import build_network
 from bdiff_pyro.networks.conv1d import Conv1dNet
 from bdiff_pyro.networks.conv2d import Conv2dNet
 from bdiff_pyro.networks.mlp import MLP
 from bdiff_pyro.networks.transformer import TransformerNet
+from bdiff_pyro.programs.reverse import ReverseProcess
+
+
+def build_process(model, n):
+    """The model a ModelConfig describes, built the one way models are built."""
+    return ReverseProcess.from_spec(model_spec(Config(model=model), n))
 
 
 def test_default_builder_gives_the_same_mlp_as_before():

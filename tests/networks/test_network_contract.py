@@ -15,9 +15,9 @@ from pyro.infer import SVI
 
 from bdiff_pyro import registry
 from bdiff_pyro.diffusion.bound import all_states, elbo_exact
+from bdiff_pyro.diffusion.steps import edge_or_step
 from bdiff_pyro.programs.enumeration import enumerated_elbo, exact_log_likelihood
 from bdiff_pyro.programs.forward import forward_chain
-from bdiff_pyro.programs.reverse import _by_time
 from bdiff_pyro.train import AnalyticLoss
 
 NETWORKS = sorted(registry.NETWORKS)
@@ -69,10 +69,10 @@ def test_binary_fast_path_equals_the_generic_path(name, parameterisation, inputs
     x_t = all_states(4)
     with torch.no_grad():
         for t in range(1, process.T + 1):
-            generic = _by_time(process._edge_log_probs, process._step_log_probs, x_t, t)
+            generic = edge_or_step(process._edge_log_probs, process._step_log_probs, x_t, t)
             assert torch.allclose(process.log_probs(x_t, t), generic, rtol=1e-12, atol=1e-12), t
         t = torch.arange(len(x_t)) % process.T + 1  # one time per sequence, edge rows included
-        generic = _by_time(process._edge_log_probs, process._step_log_probs, x_t, t)
+        generic = edge_or_step(process._edge_log_probs, process._step_log_probs, x_t, t)
         assert torch.allclose(process.log_probs(x_t, t), generic, rtol=1e-12, atol=1e-12)
         one_at_a_time = torch.stack([process.log_probs(x_t[i:i + 1], int(t[i]))[0] for i in range(len(x_t))])
         assert torch.allclose(process.log_probs(x_t, t), one_at_a_time, rtol=1e-10, atol=1e-12)
