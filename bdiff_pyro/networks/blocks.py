@@ -1,7 +1,8 @@
-"""Pieces the structured networks share: the time code of a batch, and the residual block of
-the convolutional networks (1-D and 2-D alike)."""
+"""Pieces the structured networks share: the time code of a batch, the residual block, and the
+body of the convolutional networks (1-D and 2-D alike)."""
 
 import math
+from typing import Union
 
 import torch
 from torch import nn
@@ -57,3 +58,69 @@ class ResidualBlock(nn.Module):
         else:
             a = self.norm_mid(a + code)
         return h + self.conv_out(self.act(a))
+
+
+PADDINGS = ("circular", "zeros")
+
+
+def check_structure(kernel_size: int, padding: str) -> None:
+    """An odd kernel keeps the output on the input's positions; the padding is one of PADDINGS."""
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be an odd number >= 1 (got {kernel_size})")
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS} (got {padding!r})")
+
+
+class ResidualConvNet(nn.Module):
+    """Per-position features of x^t (..., n, num_features) and t -> (..., n, K - 1) logits over
+    a grid of positions that a subclass lays out (``to_grid`` / ``from_grid``) and convolves
+    with ``convolution`` (nn.Conv1d or nn.Conv2d).
+
+    A kernel-size-``kernel_size`` convolution lifts the features to ``channels``, ``blocks``
+    residual blocks (``ResidualBlock``: group normalisation, time conditioning added or by
+    FiLM) follow, and a normalised 1 x 1 convolution reads the logits of states 1..K-1
+    against state 0 at every position.  Its size does not depend on n or T.
+    """
+
+    convolution = None
+
+    def __init__(self, n: int, num_states: int, channels: int, blocks: int, kernel_size: int, padding: str,
+                 activation: str, time_embedding: int, num_features: Union[int, None], film: bool):
+        super().__init__()
+        check_structure(kernel_size, padding)
+        self.n, self.num_states, self.time_embedding = n, num_states, time_embedding
+        self.num_features = num_states - 1 if num_features is None else num_features
+
+        def conv(into, out, size=kernel_size):
+            return self.convolution(into, out, size, padding=size // 2, padding_mode=padding)
+
+        self.lift = conv(self.num_features, channels)
+        self.blocks = nn.ModuleList(ResidualBlock(lambda: conv(channels, channels), channels, time_embedding,
+                                                  activation, film) for _ in range(blocks))
+        self.norm_out, self.act = group_norm(channels), make_activation(activation)
+        self.out = self.convolution(channels, num_states - 1, 1)
+
+    @property
+    def activation_widths(self) -> list:
+        """Numbers per sequence each layer holds (for the memory estimates): channels x n for
+        the lift, and for every block its two convolutions, two norms and their activations."""
+        return [self.n * self.lift.out_channels] * (1 + 6 * len(self.blocks))
+
+    def to_grid(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, n, num_features) -> (B, num_features, *grid)."""
+        raise NotImplementedError
+
+    def from_grid(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, K - 1, *grid) -> (B, n, K - 1)."""
+        raise NotImplementedError
+
+    def forward(self, features: torch.Tensor, t) -> torch.Tensor:
+        """(..., n, num_features) features and an int or per-sequence t -> (..., n, K - 1)."""
+        dtype = self.lift.weight.dtype
+        lead = features.shape[:-2]
+        time = flat_time_code(t, lead, self.time_embedding, dtype)
+        h = self.lift(self.to_grid(features.to(dtype).reshape(-1, self.n, self.num_features)))
+        for block in self.blocks:
+            h = block(h, time)
+        logits = self.out(self.act(self.norm_out(h)))
+        return self.from_grid(logits).reshape(*lead, self.n, self.num_states - 1)
