@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import assert_one_line, bdiff, bdiff_subprocess
+from helpers import StopAfter, assert_one_line, bdiff, bdiff_subprocess
 
 import bdiff_pyro
 from bdiff_pyro import train as train_module
@@ -151,22 +151,6 @@ def test_interrupt_then_resume(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["steps"] == finish
 
 
-class _StopAfter:
-    """Stands in for the Ctrl-C flag: reports an interrupt at the 15th check (one per step)."""
-
-    def __init__(self):
-        self.checks = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    @property
-    def raised(self):
-        self.checks += 1
-        return self.checks >= 15
 
 
 @pytest.mark.parametrize("ema", [0.0, 0.9])
@@ -181,7 +165,7 @@ def test_resumed_run_continues_exactly_where_it_stopped(tmp_path, monkeypatch, e
     straight.mkdir(), split.mkdir()
     train(load_config(config_path, overrides), straight, **quiet)
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "_InterruptFlag", _StopAfter)
+        patch.setattr(train_module, "_InterruptFlag", StopAfter)
         with pytest.raises(TrainingStopped, match="interrupted at step 15"):
             train(load_config(config_path, overrides), split, **quiet)
     train(load_config(config_path, overrides), split, resume=True, **quiet)

@@ -1,15 +1,13 @@
 """data.kind npz: one .npz with train / valid / test arrays; every bad input is one line naming
 the file and the array, exit 2; the UCI configs load."""
 
-import contextlib
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import bdiff
 
-from bdiff_pyro import cli
 from bdiff_pyro.config import load_config
 from bdiff_pyro.data import load_dataset
 from bdiff_pyro.data.datasets import read_npz
@@ -94,16 +92,6 @@ def test_a_single_npy_array_is_not_an_npz(tmp_path):
         np.save(stream, np.zeros((2, 3), np.uint8))
     with pytest.raises(UserError, match="a single array, not an .npz archive"):
         read_npz(path)
-
-
-def bdiff(*args):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([str(a) for a in args])
-        except SystemExit as exit:
-            code = exit.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_training_on_a_bad_npz_exits_2_with_one_line(tmp_path):

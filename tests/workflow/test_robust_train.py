@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import assert_one_line, bdiff, make_process
+from helpers import StopAfter, assert_one_line, bdiff, make_process
 
 import bdiff_pyro
 from bdiff_pyro import checkpoints as checkpoints_module
@@ -145,28 +145,12 @@ def test_resume_with_more_steps_ends_at_lr_final(tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 20
 
 
-class _StopAfter:
-    """Stands in for the Ctrl-C flag: an interrupt at the 15th step."""
-
-    def __init__(self):
-        self.checks = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    @property
-    def raised(self):
-        self.checks += 1
-        return self.checks >= 15
 
 
 def test_interrupt_prints_the_exact_resume_command_which_needs_no_config(tmp_path, monkeypatch):
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "_InterruptFlag", _StopAfter)
+        patch.setattr(train_module, "_InterruptFlag", StopAfter)
         line = assert_one_line(bdiff("train", HEARTBEAT, "--out", out, "--quiet", *sets(*TINY, "train.steps=30")),
                                "interrupted at step 15", status=130)
     command = line.split("continue with: ")[1]

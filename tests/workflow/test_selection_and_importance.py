@@ -1,8 +1,6 @@
 """Model selection on held-out data (best.pt, the final metrics from its weights), the warning
 when the chosen model is worse than independent bits, and the importance-weighted bound."""
 
-import contextlib
-import io
 import json
 import math
 import warnings
@@ -11,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_process
+from helpers import bdiff, make_process
 
-from bdiff_pyro import cli, train
+from bdiff_pyro import train
 from bdiff_pyro.checkpoints import load_with_config
 from bdiff_pyro.config import load_config
 from bdiff_pyro.data import load_dataset
@@ -149,16 +147,6 @@ def test_blocks_of_rows_and_trajectories_estimate_the_same_bound(tiny_model):
     large = importance_weighted_report(process, x0, 256, seed=1)
     assert abs(small["nats"] - large["nats"]) < 4 * math.hypot(small["mc_se_nats"], large["mc_se_nats"]) + 1e-3
     assert abs(small["nats"] - log_p) < 0.05
-
-
-def bdiff(*args):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([str(a) for a in args])
-        except SystemExit as exit:
-            code = exit.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_evaluate_reports_the_importance_weighted_bound_in_nats_and_bits(tmp_path):
