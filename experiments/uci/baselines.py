@@ -1,7 +1,7 @@
 """Published-comparator baselines on the UCI binary sets (dna, mushrooms): test NLL in nats.
 
     OMP_NUM_THREADS=1 python experiments/uci/baselines.py --out runs/uci-baselines
-    python experiments/uci/baselines.py --quick --max-rows 200 --out /tmp/uci-quick   # seconds
+    python experiments/uci/baselines.py --quick --max-rows 200 --out runs/uci-quick   # seconds
 
 Fits, on each data set's train split with every choice made on its valid split:
 independent bits (train + valid, Laplace's rule: a check that the units match the published
