@@ -87,7 +87,8 @@ def speed_study(args):
 
 def digits_study(args):
     from bdiff_pyro.baselines.mixture import fit_mixture, logsumexp
-    from bdiff_pyro.data.digits import digits_splits, save_image_grid
+    from bdiff_pyro.data.digits import digits_splits
+    from bdiff_pyro.plots import save_image_grid
 
     process = load(args.run)
     splits = digits_splits(binary=True, seed=0)
