@@ -24,7 +24,8 @@ from bdiff_pyro.programs.reverse import ReverseProcess
 from bdiff_pyro.programs.spec import ModelSpec
 from bdiff_pyro.util.files import write_atomically
 
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = "checkpoint.pt"  # the last step, with everything --resume needs
+BEST_NAME = "best.pt"  # the weights with the best held-out ELBO: the run's selected model
 FORMAT = 2
 READABLE_FORMATS = (1, 2)
 REQUIRED_KEYS = ("config", "n", "model_state")
@@ -52,19 +53,25 @@ def _reason(error):
     return error.strerror or os.strerror(error.errno or errno.EIO)
 
 
-def checkpoint_path(path):
-    """A run directory or a checkpoint file -> the checkpoint file."""
+def checkpoint_path(path, last=False):
+    """A run directory or a checkpoint file -> the checkpoint file.
+
+    In a run directory: the selected model (``best.pt``, the weights whose figures the run
+    reports) when there is one, else ``checkpoint.pt``; ``last=True`` always reads
+    ``checkpoint.pt``, the state ``--resume`` continues from."""
     path = Path(path)
     if path.is_dir():
-        path = path / CHECKPOINT_NAME
+        selected = path / BEST_NAME
+        path = selected if selected.is_file() and not last else path / CHECKPOINT_NAME
     if not path.is_file():
         raise UserError(f"{path}: no checkpoint here (expected a run directory or a {CHECKPOINT_NAME} file)")
     return path
 
 
-def read_checkpoint(path):
-    """(checkpoint file, payload dict), loaded without running any code the file carries."""
-    path = checkpoint_path(path)
+def read_checkpoint(path, last=False):
+    """(checkpoint file, payload dict), loaded without running any code the file carries;
+    a run directory is read as :func:`checkpoint_path` says."""
+    path = checkpoint_path(path, last)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

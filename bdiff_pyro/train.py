@@ -27,7 +27,7 @@ from pyro.infer import SVI
 from tqdm.auto import tqdm
 
 from bdiff_pyro import plots, registry
-from bdiff_pyro.checkpoints import CHECKPOINT_NAME, FORMAT, read_checkpoint, save_atomically
+from bdiff_pyro.checkpoints import BEST_NAME, CHECKPOINT_NAME, FORMAT, read_checkpoint, save_atomically
 from bdiff_pyro.config import Config, config_text, model_spec, save_config
 from bdiff_pyro.data import Dataset, load_dataset
 from bdiff_pyro.diffusion.bound import first_stochastic_step, negative_elbo_estimate, uniform_step_proposal
@@ -192,10 +192,6 @@ def resolve_config(config: Config, dataset: Dataset) -> Config:
 # current value to lr_final at the new last step.
 FIXED_ON_RESUME = ("train.lr", "train.lr_final", "train.clip_norm", "train.weight_decay", "train.ema", "seed")
 
-# Beside the checkpoint: the weights (averaged, with train.ema) of the evaluation with the highest
-# held-out ELBO; the final metrics, samples and plots are those of these weights.
-BEST_NAME = "best.pt"
-
 
 def _check_resumable(config, saved, where):
     """A resumed run must use the model, data, optimiser settings and seed its checkpoint was
@@ -276,7 +272,7 @@ def prepare_training(config, resume_dir=None):
                    f"train.batch_size = {config.train.batch_size} on sequences of length n = {dataset.n}")
     setup = TrainingSetup(config, dataset)
     if resume_dir is not None:
-        setup.resume_from, setup.payload = read_checkpoint(resume_dir)
+        setup.resume_from, setup.payload = read_checkpoint(resume_dir, last=True)
         _check_resumable(config, setup.payload["config"], setup.resume_from)
     return setup
 
@@ -443,7 +439,9 @@ def finish_training(process, averaged, dataset, config, state, run_dir, progress
     training lost."""
     how = (f"bdiff evaluate {shlex.quote(str(run_dir))} {shlex.quote(config.data.val)}" if config.data.val
            else f"bdiff diagnose {shlex.quote(str(run_dir))}")
-    kept = f"the trained model (step {state.step}) is in {run_dir / CHECKPOINT_NAME}; evaluate it with: {how}"
+    selected = run_dir / (BEST_NAME if state.best_step is not None else CHECKPOINT_NAME)
+    kept = (f"the selected model (step {state.best_step or state.step}) is in {selected}; "
+            f"evaluate it with: {how}")
     try:
         with averaged():
             metrics = finish_run(process, dataset, config, state, run_dir, progress=progress)

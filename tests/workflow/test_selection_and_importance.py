@@ -68,6 +68,10 @@ def test_the_final_metrics_are_those_of_the_best_validated_weights(tmp_path, mon
     changed = [k for k in best["model_state"] if not torch.equal(best["model_state"][k], last["model_state"][k])]
     assert changed  # the selection is not the last step's weights
     loaded_config, process = load_with_config(run_dir / "best.pt")
+    # the run directory means the selected model; --resume continues from the last step
+    _, from_dir = load_with_config(run_dir)
+    assert all(torch.equal(v, best["model_state"][k]) for k, v in from_dir.state_dict().items())
+    assert train.prepare_training(config, resume_dir=run_dir).payload["state"]["step"] == 40
     dataset = load_dataset(loaded_config.data)
     again = bound_report(process, dataset.val, loaded_config.evaluate.replicates, seed=loaded_config.seed + 1,
                          distinct=True)
