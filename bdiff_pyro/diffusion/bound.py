@@ -185,18 +185,23 @@ def uniform_step_proposal(kernel: DiscreteKernel) -> Tensor:
 
 
 def negative_elbo_estimate(kernel: DiscreteKernel, reverse_log_probs: ReverseLogProbs, x0: Tensor,
-                           step_proposal: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                           step_proposal: Optional[Tensor] = None,
+                           rows: slice = slice(None)) -> tuple[Tensor, Tensor, Tensor]:
     """Unbiased one-sample estimate of -ELBO(x^0) per sequence, for training.
 
     t ~ r(t) (uniform over the stochastic steps unless ``step_proposal``, a (T+1,) table of
     probabilities, is given), x^t ~ q(x^t | x^0); the estimate is L_t(x^0, x^t) / r(t) plus
     the closed-form loss, whose expectation is -ELBO for any r that is positive wherever
     L_t can be.  The closed-form loss is added once, not once per step.
-    Returns (estimates, t, L_t).
+
+    t and x^t are drawn for every row of x0 and the estimate is computed for ``x0[rows]``
+    only: a process that scores its slice of a minibatch draws what one process scoring the
+    whole minibatch draws.  Returns (estimates, t, L_t) of those rows.
     """
     probs = uniform_step_proposal(kernel) if step_proposal is None else step_proposal
     t = torch.multinomial(probs.float(), x0.shape[0], replacement=True)
     x_t = sample_x_t(kernel, x0, t)
+    x0, x_t, t = x0[rows], x_t[rows], t[rows]
     losses = step_loss(kernel, reverse_log_probs, x0, x_t, t)
     return losses / probs[t] + closed_form_loss(kernel, x0), t, losses
 
