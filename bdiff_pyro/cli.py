@@ -35,16 +35,18 @@ def cmd_train(args):
         config = load_config(args.config, args.set)
     if args.seed is not None:
         config.seed = args.seed  # checked by argparse (type=seed)
-    from bdiff_pyro.distributed import World, check_batch_divides, join, leave, resolve_device, world_from_environment
+    if args.nproc is not None:  # checked here, then launched: this process never imports torch
+        from bdiff_pyro.config import check_batch_divides
+
+        if "WORLD_SIZE" in os.environ:
+            raise UserError(f"--nproc {args.nproc}: this process already runs under torchrun "
+                            f"(WORLD_SIZE = {os.environ['WORLD_SIZE']}); pass one or the other")
+        check_batch_divides(config.train.batch_size, args.nproc)
+        raise SystemExit(launch_processes(args.nproc, train_arguments(args)))
+    from bdiff_pyro.distributed import join, leave, resolve_device, world_from_environment
+    from bdiff_pyro.train import prepare_training
 
     world = world_from_environment()
-    if args.nproc is not None:
-        if world.distributed:
-            raise UserError(f"--nproc {args.nproc}: this process already runs under torchrun "
-                            f"(WORLD_SIZE = {world.size}); pass one or the other")
-        check_batch_divides(config.train.batch_size, World(size=args.nproc))
-        raise SystemExit(launch_processes(args.nproc, train_arguments(args)))
-    from bdiff_pyro.train import prepare_training
 
     setup = prepare_training(config, run_dir if args.resume else None, world)
     join(world, resolve_device(setup.config.device, world.local_rank))

@@ -418,6 +418,14 @@ def _at_least(where, key, value, minimum):
         raise UserError(f"{where(key)}: {key} must be >= {minimum} (got {value})")
 
 
+def check_batch_divides(batch_size, processes):
+    """Equal slices of every minibatch on every process: train.batch_size must be a multiple of
+    the number of processes."""
+    if batch_size % processes:
+        raise UserError(f"train.batch_size = {batch_size} is not divisible by the {processes} processes; "
+                        f"use a multiple of {processes}")
+
+
 def _choice(where, key, value, options):
     if value not in options:
         raise UserError(f"{where(key)}: {key} must be one of {', '.join(map(str, options))} (got {value!r})")

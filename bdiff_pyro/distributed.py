@@ -141,13 +141,6 @@ def leave(world):
         dist.destroy_process_group()
 
 
-def check_batch_divides(batch_size, world):
-    """Equal slices on every process: train.batch_size must be a multiple of the process count."""
-    if batch_size % world.size:
-        raise UserError(f"train.batch_size = {batch_size} is not divisible by the {world.size} processes; "
-                        f"use a multiple of {world.size}")
-
-
 class GradientAveraging(PyroOptim):
     """A PyroOptim whose gradients are averaged over the processes before the wrapped optimiser
     steps, in the spirit of ``pyro.optim.HorovodOptimizer``, with torch.distributed.

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 
 from bdiff_pyro import plots, registry
 from bdiff_pyro.checkpoints import CHECKPOINT_NAME, FORMAT, read_checkpoint, save_atomically
-from bdiff_pyro.config import Config, config_text, model_spec, save_config
+from bdiff_pyro.config import Config, check_batch_divides, config_text, model_spec, save_config
 from bdiff_pyro.data import Dataset, load_dataset
 from bdiff_pyro.diffusion.bound import first_stochastic_step, negative_elbo_estimate, uniform_step_proposal
-from bdiff_pyro.distributed import GradientAveraging, World, check_batch_divides, resolve_device
+from bdiff_pyro.distributed import GradientAveraging, World, resolve_device
 from bdiff_pyro.errors import TrainingStopped, TrainingWarning, UserError
 from bdiff_pyro.evaluation import (
     bound_fell,
@@ -277,7 +277,7 @@ def prepare_training(config, resume_dir=None, world=World()):
     """Load the data, resolve the config, check the device, the memory the run needs and (on
     several processes) the batch size, and (resuming) read the checkpoint and check that it
     matches: a bad input stops here, before a run directory exists."""
-    check_batch_divides(config.train.batch_size, world)
+    check_batch_divides(config.train.batch_size, world.size)
     dataset = load_dataset(config.data)
     config = resolve_config(config, dataset)
     resolve_device(config.device, world.local_rank)
