@@ -134,11 +134,11 @@ def step_loss(kernel: DiscreteKernel, reverse_log_probs: ReverseLogProbs, x0: Te
         return -log_prob_of(log_p, x0).sum(-1)
     # Rows with t = 1 (learned edge only) take the reconstruction branch below; the
     # posterior, defined for t >= 2, is evaluated there at t = 2 and discarded.
-    t_kl = t if isinstance(t, int) else torch.as_tensor(t).clamp_min(2)
+    t_kl = t if isinstance(t, int) else torch.as_tensor(t, device=x_t.device).clamp_min(2)
     kl = kl_categorical(kernel.q_posterior_log_probs(x_t, x0, t_kl), log_p).sum(-1)
     if isinstance(t, int) or kernel.closed_form_edge:
         return kl
-    return torch.where(torch.as_tensor(t) == 1, -log_prob_of(log_p, x0).sum(-1), kl)
+    return torch.where(torch.as_tensor(t, device=x_t.device) == 1, -log_prob_of(log_p, x0).sum(-1), kl)
 
 
 def sample_x_t(kernel: DiscreteKernel, x0: Tensor, t: Time) -> Tensor:
