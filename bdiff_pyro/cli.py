@@ -47,7 +47,6 @@ def cmd_train(args):
     from bdiff_pyro.train import prepare_training
 
     world = world_from_environment()
-
     setup = prepare_training(config, run_dir if args.resume else None, world)
     join(world, resolve_device(setup.config.device, world.local_rank))
     try:

@@ -237,16 +237,11 @@ def _reschedule(optim_state, lr_final, steps_left):
 
 class _InterruptFlag:
     """Ctrl-C sets a flag the loop checks between steps, so a checkpoint is never half-written
-    and the weights are never half-updated.  A second Ctrl-C interrupts at once; under torchrun
-    one Ctrl-C arrives twice (from the terminal and forwarded by torchrun), so a second SIGINT
-    within a second of the first counts as the same one."""
-
-    SAME_CTRL_C_SECONDS = 1.0
+    and the weights are never half-updated.  A second Ctrl-C interrupts at once."""
 
     def __init__(self):
         self.raised = False
         self._previous = None
-        self._first = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -254,10 +249,9 @@ class _InterruptFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.raised and time.monotonic() - self._first > self.SAME_CTRL_C_SECONDS:
+        if self.raised:
             raise KeyboardInterrupt
-        if not self.raised:
-            self.raised, self._first = True, time.monotonic()
+        self.raised = True
 
     def __exit__(self, *exc):
         if self._previous is not None:

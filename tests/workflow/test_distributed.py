@@ -135,8 +135,7 @@ def test_a_process_that_dies_ends_the_run_and_the_last_checkpoint_is_kept(tmp_pa
         os.kill(process_of_rank(launcher.pid, 1), signal.SIGKILL)
         code = launcher.wait(timeout=60)  # no hang: torchrun ends rank 0 too
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
+        end(launcher)
     assert code != 0
     saved = read_checkpoint(run_dir)[1]
     step = saved["state"]["step"]
@@ -146,8 +145,41 @@ def test_a_process_that_dies_ends_the_run_and_the_last_checkpoint_is_kept(tmp_pa
     assert read_checkpoint(run_dir)[1]["state"]["step"] == step + 2
 
 
-def process_of_rank(root_pid, rank):
-    """The pid of the descendant of ``root_pid`` whose environment says RANK=rank."""
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["torchrun", "rank 1"])
+def test_ctrl_c_stops_both_processes_at_the_same_step_with_a_checkpoint(tmp_path, target):
+    """Ctrl-C in a terminal reaches torchrun, which passes it on to its processes (each in a
+    session of its own); a SIGINT to rank 1 alone reaches rank 0 through the step's agreement."""
+    run_dir = tmp_path / "interrupted"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bdiff_pyro",
+         "train", HEARTBEAT, "--out", run_dir, "--quiet", *sets(*TINY, "train.steps=100000",
+                                                                 "train.checkpoint_every=50")],
+        cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (run_dir / "checkpoint.pt").exists():  # both processes are in the loop
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        os.kill(launcher.pid if target == "torchrun" else process_of_rank(launcher.pid, 1), signal.SIGINT)
+        _, stderr = launcher.communicate(timeout=60)
+    finally:
+        end(launcher)
+    assert "interrupted at step" in stderr, stderr
+    step = int(stderr.split("interrupted at step ")[1].split(";")[0])
+    assert read_checkpoint(run_dir)[1]["state"]["step"] == step > 0
+    assert f"continue with: bdiff train --resume {run_dir}" in stderr
+
+
+def end(launcher):
+    """After a failed test: torchrun and the processes it started (in sessions of their own) are stopped."""
+    if launcher.poll() is None:
+        for pid in descendants(launcher.pid) + [launcher.pid]:
+            os.kill(pid, signal.SIGKILL)
+        launcher.wait()
+
+
+def descendants(root_pid):
     children = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -157,13 +189,20 @@ def process_of_rank(root_pid, rank):
             except OSError:
                 continue
             children.setdefault(parent, []).append(int(entry))
-    pending = list(children.get(root_pid, []))
+    found, pending = [], list(children.get(root_pid, []))
     while pending:
         pid = pending.pop()
+        found.append(pid)
+        pending += children.get(pid, [])
+    return found
+
+
+def process_of_rank(root_pid, rank):
+    """The pid of the descendant of ``root_pid`` whose environment says RANK=rank."""
+    for pid in descendants(root_pid):
         with open(f"/proc/{pid}/environ", "rb") as stream:
             if f"RANK={rank}".encode() in stream.read().split(b"\0"):
                 return pid
-        pending += children.get(pid, [])
     raise AssertionError(f"no process of rank {rank} under {root_pid}")
 
 
