@@ -555,7 +555,7 @@ def _held_out_bound(process, dataset, config, state):
 def _evaluate_during_training(process, dataset, config, state, losses, optim):
     report = _held_out_bound(process, dataset, config, state)
     process.eval()
-    samples = sample_in_batches(process, config.train.eval_samples, seed=config.seed)
+    samples = sample_in_batches(process, config.train.eval_samples, seed=config.seed).cpu()  # for host-side counts
     process.train()
     fractions = membership_fractions(samples, dataset.train, dataset.val)
     state.snapshots.append((state.step, samples[:32].to(torch.uint8).cpu()))
@@ -576,7 +576,7 @@ def finish_run(process, dataset, config, state, run_dir, progress=False):
     val_bound = bound_report(process, dataset.val, evaluate.replicates, seed=config.seed + 1, distinct=True,
                              max_sequences=max_sequences, progress=progress and "ELBO on held-out data")
     started = time.perf_counter()
-    samples = sample_in_batches(process, evaluate.num_samples, seed=config.seed)
+    samples = sample_in_batches(process, evaluate.num_samples, seed=config.seed).cpu()  # for counts and plots
     sampling_seconds = time.perf_counter() - started
     metrics = {
         "train": train_bound, "held_out": val_bound,

@@ -16,6 +16,7 @@ from bdiff_pyro.config import load_config
 from bdiff_pyro.diffusion.bound import elbo_replicates
 from bdiff_pyro.distributed import resolve_device
 from bdiff_pyro.evaluation import bound_report
+from bdiff_pyro.programs.conditioning import impute
 from bdiff_pyro.programs.forward import forward_chain
 from bdiff_pyro.programs.sampling import ancestral_sample, strided_sample
 from bdiff_pyro.train import AnalyticLoss
@@ -62,6 +63,17 @@ def test_no_module_creates_tensors_off_the_models_device(network, case):
         outputs = run(x0)
     assert all(out.device.type == "cpu" for out in outputs)
     assert all(p.device.type == "cpu" for p in process.parameters())
+
+
+@pytest.mark.parametrize("method", ["exact", "replace", "smc"])
+@pytest.mark.parametrize("case", KERNEL_CASES[:3], ids=lambda case: f"{case[0]}-{case[1]}")
+def test_imputation_creates_no_tensor_off_the_models_device(method, case):
+    process = make_network_process("mlp", n=4, T=5, case=case)
+    values = torch.tensor([[0., 1., 0., 1.], [1., 0., 1., 1.]], dtype=torch.float64)
+    mask = torch.tensor([[True, False, True, False], [False, True, True, False]])
+    with torch.device("meta"):
+        result = impute(process, values, mask, method=method, num_particles=8, num_samples=2, seed=0)
+    assert result.completions.device.type == result.marginals.device.type == "cpu"
 
 
 def test_the_check_catches_a_time_code_made_on_the_default_device(monkeypatch):
