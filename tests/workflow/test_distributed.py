@@ -244,6 +244,15 @@ def test_a_batch_the_processes_cannot_share_equally_is_one_line_before_launching
     assert not (tmp_path / "r").exists()
 
 
+def test_a_bad_config_with_nproc_is_one_line_and_starts_no_process(tmp_path, monkeypatch):
+    def no_launch(*args):
+        raise AssertionError("torchrun started")
+
+    monkeypatch.setattr("bdiff_pyro.cli.launch_processes", no_launch)
+    assert_one_line(bdiff("train", HEARTBEAT, "--nproc", "2", "--out", tmp_path / "r", *sets("model.T=abc")),
+                    "model.T")
+
+
 def test_nproc_under_torchrun_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert_one_line(bdiff("train", HEARTBEAT, "--nproc", "2", "--out", tmp_path / "r"), "--nproc", "torchrun")
