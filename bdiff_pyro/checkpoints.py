@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from bdiff_pyro.config import Config, config_from_dict, model_spec
+from bdiff_pyro.distributed import resolve_device
 from bdiff_pyro.errors import UserError
 from bdiff_pyro.programs.reverse import ReverseProcess
 from bdiff_pyro.programs.spec import ModelSpec
@@ -70,7 +71,8 @@ def checkpoint_path(path, last=False):
 
 def read_checkpoint(path, last=False):
     """(checkpoint file, payload dict), loaded without running any code the file carries;
-    a run directory is read as :func:`checkpoint_path` says."""
+    a run directory is read as :func:`checkpoint_path` says; its tensors on the CPU whatever
+    device wrote them (the model moves to its device after)."""
     path = checkpoint_path(path, last)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -142,14 +144,16 @@ def non_finite_model(process, probes=64):
     return None
 
 
-def load_with_config(path):
-    """A run directory or checkpoint file -> (its Config, its ReverseProcess in eval mode)."""
+def load_with_config(path, device="cpu"):
+    """A run directory or checkpoint file -> (its Config, its ReverseProcess in eval mode on
+    ``device``: cpu, cuda or auto, whatever device the checkpoint was written from)."""
     path, payload = read_checkpoint(path)
     config, process = process_from_checkpoint(path, payload)
-    return config, process.eval()
+    return config, process.to(resolve_device(device)).eval()
 
 
-def load(path) -> ReverseProcess:
-    """``bdiff_pyro.load``: a run directory or checkpoint file -> ReverseProcess (eval mode)."""
+def load(path, device="cpu") -> ReverseProcess:
+    """``bdiff_pyro.load``: a run directory or checkpoint file -> ReverseProcess (eval mode) on
+    ``device`` (cpu, cuda or auto)."""
     path, payload = read_checkpoint(path)
-    return process_from_payload(path, payload).eval()
+    return process_from_payload(path, payload).to(resolve_device(device)).eval()

@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from bdiff_pyro.config import MAX_SEED  # config.py imports YAML, not torch
+from bdiff_pyro.config import DEVICES, MAX_SEED  # config.py imports YAML, not torch
 from bdiff_pyro.errors import TrainingStopped, UserError
 from bdiff_pyro.util.files import write_atomically
 
@@ -35,28 +35,82 @@ def cmd_train(args):
         config = load_config(args.config, args.set)
     if args.seed is not None:
         config.seed = args.seed  # checked by argparse (type=seed)
-    from bdiff_pyro.train import claim_run_dir, discard_run_dir, prepare_training, run_training
+    if args.nproc is not None:  # checked here, then launched: this process never imports torch
+        from bdiff_pyro.config import check_batch_divides
 
-    setup = prepare_training(config, run_dir if args.resume else None)
-    if args.resume:
-        _check_writable(run_dir)
-        created = None
-        from bdiff_pyro.config import save_config
-        save_config(setup.config, run_dir / "config.yaml")
-    else:
-        run_dir, created = claim_run_dir(setup.config, args.config, args.out)
-    print(f"run directory: {run_dir}")
+        if "WORLD_SIZE" in os.environ:
+            raise UserError(f"--nproc {args.nproc}: this process already runs under torchrun "
+                            f"(WORLD_SIZE = {os.environ['WORLD_SIZE']}); pass one or the other")
+        check_batch_divides(config.train.batch_size, args.nproc)
+        raise SystemExit(launch_processes(args.nproc, train_arguments(args)))
+    from bdiff_pyro.distributed import join, leave, resolve_device, world_from_environment
+    from bdiff_pyro.train import prepare_training
+
+    world = world_from_environment()
+    setup = prepare_training(config, run_dir if args.resume else None, world)
+    join(world, resolve_device(setup.config.device, world.local_rank))
     try:
-        metrics = run_training(setup, run_dir, progress=not args.quiet)
+        train_in_world(args, setup, run_dir if args.resume else None, world)
+    finally:
+        leave(world)
+
+
+def train_in_world(args, setup, resume_dir, world):
+    """``bdiff train`` in one of ``world``'s processes: rank 0 claims (or reuses) the run
+    directory, tells the others where it is, writes it and prints."""
+    from bdiff_pyro.train import claim_run_dir, discard_run_dir, run_training
+
+    def claim():
+        if resume_dir is not None:
+            _check_writable(resume_dir)
+            from bdiff_pyro.config import save_config
+            save_config(setup.config, resume_dir / "config.yaml")
+            run_dir, created = resume_dir, None
+        else:
+            run_dir, created = claim_run_dir(setup.config, args.config, args.out)
+        print(f"run directory: {run_dir}" + (f" ({world.size} processes)" if world.distributed else ""))
+        return run_dir, created
+
+    run_dir, created = world.on_main(claim)
+    try:
+        metrics = run_training(setup, run_dir, progress=not args.quiet, world=world)
     except BaseException as error:
         from bdiff_pyro.checkpoints import CHECKPOINT_NAME
-        if created is None or (run_dir / CHECKPOINT_NAME).exists():
+        if created is None or not world.main or (run_dir / CHECKPOINT_NAME).exists():
             raise
         discard_run_dir(run_dir, created)  # a start that failed leaves nothing behind
         if isinstance(error, TrainingStopped):
             raise TrainingStopped(f"{error}; removed {run_dir}", error.exit_code) from None
         raise
-    print_final_report(metrics, setup.config, run_dir)
+    if world.main:
+        print_final_report(metrics, setup.config, run_dir)
+
+
+def train_arguments(args):
+    """The ``bdiff train`` arguments of ``args`` without --nproc: what each process is given."""
+    argv = ["train"] + ([str(args.config)] if args.config else [])
+    for flag, value in (("--out", args.out), ("--resume", args.resume), ("--seed", args.seed)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for item in args.set:
+        argv += ["--set", item]
+    return argv + (["--quiet"] if args.quiet else [])
+
+
+def launch_processes(nproc, argv):
+    """torchrun (torch.distributed.run) with ``nproc`` processes on this machine, each running
+    ``python -m bdiff_pyro ARGV``; returns torchrun's exit status (1 when a process failed).
+    A Ctrl-C reaches torchrun and its processes too; this process waits for them to stop."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "bdiff_pyro", *argv]
+    with subprocess.Popen(command) as launcher:
+        while True:
+            try:
+                return launcher.wait()
+            except KeyboardInterrupt:
+                continue
 
 
 def _check_writable(run_dir):
@@ -103,7 +157,7 @@ def cmd_sample(args):
     out = check_output_file(args.out, args.force) if args.out else None
     from bdiff_pyro.checkpoints import load_with_config
 
-    config, process = load_with_config(args.checkpoint)
+    config, process = load_with_config(args.checkpoint, args.device)
     use_threads(config)
     if args.steps is not None:
         process.stride_grid(args.steps)  # refuses a bad --steps before anything is written
@@ -186,12 +240,13 @@ def cmd_evaluate(args):
     from bdiff_pyro.data.datasets import read_npz, read_sequences
     from bdiff_pyro.evaluation import bound_report
 
-    config, process = load_with_config(args.checkpoint)
+    config, process = load_with_config(args.checkpoint, args.device)
     use_threads(config)
     if data.suffix == ".npz":
         x0 = read_npz(data, config.data.levels)[args.split]
     else:
         x0 = read_sequences(args.data, config.data.levels, config.data.alphabet)
+    x0 = x0.to(process.kernel.log_pi.device)
     if x0.shape[1] != process.n:
         raise UserError(f"{args.data}: sequences of length {x0.shape[1]}, but the model has n = {process.n}")
     report = bound_report(process, x0, replicates=args.replicates, seed=args.seed)
@@ -236,9 +291,10 @@ def cmd_impute(args):
     from bdiff_pyro.checkpoints import load_with_config
     from bdiff_pyro.data import partial
 
-    config, process = load_with_config(args.checkpoint)
+    config, process = load_with_config(args.checkpoint, args.device)
     use_threads(config)
     values, mask, kind = partial.read_partial(data, config.data.levels, config.data.alphabet)
+    values, mask = values.to(process.kernel.log_pi.device), mask.to(process.kernel.log_pi.device)
     if values.shape[1] != process.n:
         raise UserError(f"{data}: sequences of length {values.shape[1]}, but the model has n = {process.n}")
     as_arrays = kind == "array" or (out is not None and out.suffix == ".npz")
@@ -357,6 +413,12 @@ def seed(text):
     return value
 
 
+def add_device_flag(parser):
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="where to compute (auto: cuda when available); a seed draws different numbers on "
+                        "cuda than on cpu")
+
+
 def build_parser():
     parser = _Parser(prog="bdiff", description="Discrete (Bernoulli) diffusion as Pyro programs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -374,6 +436,9 @@ def build_parser():
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry by dotted key, e.g. --set model.T=50")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=at_least(1), metavar="N",
+                   help="train on N processes of this machine, started by torchrun (train.batch_size is the "
+                   "global batch and must be a multiple of N; default: this process alone)")
     p.set_defaults(func=cmd_train)
 
     p = command("sample", "draw samples from a trained model (lines of 0/1)")
@@ -384,6 +449,7 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--steps", type=at_least(1),
                    help="strided sampling with this many network evaluations (x0 models; default: all T steps)")
+    add_device_flag(p)
     p.set_defaults(func=cmd_sample)
 
     p = command("evaluate", "the ELBO on a data file, in bits/seq")
@@ -401,6 +467,7 @@ def build_parser():
     p.add_argument("--split", choices=("train", "valid", "test"), default="test",
                    help="the array of an .npz DATA_FILE to score")
     p.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    add_device_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = command("diagnose", "ArviZ diagnostics of a trained run: R-hat, ESS, MCSE, plots")
@@ -441,6 +508,7 @@ def build_parser():
     p.add_argument("--out", help="write completions here (FILE.npz for arrays) and the marginals beside it; "
                    "default: completions to standard output")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    add_device_flag(p)
     p.set_defaults(func=cmd_impute)
 
     p = command("compare", "analytic ELBO against TraceEnum_ELBO, Trace_ELBO and log p(x^0)")
@@ -454,6 +522,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"bdiff: warning: {message}", file=sys.stderr if file is None else file)
 
 
+def _prefix():
+    """``bdiff``, or ``bdiff[rank R]`` in the processes other than rank 0 of a run on several."""
+    rank = os.environ.get("RANK", "0")
+    return "bdiff" if rank == "0" else f"bdiff[rank {rank}]"
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -461,9 +535,10 @@ def main(argv=None):
             warnings.showwarning = _show_warning
             args.func(args)
     except UserError as error:
-        print(f"bdiff: error: {error}", file=sys.stderr)
+        print(f"{_prefix()}: error: {error}", file=sys.stderr)
         return 2
-    except TrainingStopped as stop:
-        print(f"bdiff: {stop}", file=sys.stderr)
+    except TrainingStopped as stop:  # every process of a run stops at the same step: rank 0 says why
+        if _prefix() == "bdiff":
+            print(f"bdiff: {stop}", file=sys.stderr)
         return stop.exit_code
     return 0

@@ -19,6 +19,7 @@ from bdiff_pyro.errors import UserError
 from bdiff_pyro.programs.spec import ModelSpec
 
 MAX_SEED = 2 ** 32 - 1  # pyro.set_rng_seed also seeds NumPy, whose seeds are 32-bit
+DEVICES = ("auto", "cpu", "cuda")  # the key ``device``; bdiff_pyro.distributed.resolve_device reads it
 
 
 @dataclass
@@ -182,11 +183,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     seed: int = 0
-    device: str = "cpu"  # cpu | cuda
+    device: str = "auto"  # auto (cuda when torch sees a GPU, else cpu) | cpu | cuda
     threads: int = 1  # CPU threads for torch (0: torch's default); 1 is fastest for these small networks (README)
 
     def validate(self, where):
-        _choice(where, "device", self.device, ("cpu", "cuda"))
+        _choice(where, "device", self.device, DEVICES)
         _at_least(where, "threads", self.threads, 0)
         if not 0 <= self.seed <= MAX_SEED:
             raise UserError(f"{where('seed')}: seed must be in 0..{MAX_SEED} (got {self.seed})")
@@ -415,6 +416,14 @@ def _coerce(value, hint, where, key):
 def _at_least(where, key, value, minimum):
     if value < minimum:
         raise UserError(f"{where(key)}: {key} must be >= {minimum} (got {value})")
+
+
+def check_batch_divides(batch_size, processes):
+    """Equal slices of every minibatch on every process: train.batch_size must be a multiple of
+    the number of processes."""
+    if batch_size % processes:
+        raise UserError(f"train.batch_size = {batch_size} is not divisible by the {processes} processes; "
+                        f"use a multiple of {processes}")
 
 
 def _choice(where, key, value, options):

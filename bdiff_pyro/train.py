@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 
 from bdiff_pyro import plots, registry
 from bdiff_pyro.checkpoints import BEST_NAME, CHECKPOINT_NAME, FORMAT, read_checkpoint, save_atomically
-from bdiff_pyro.config import Config, config_text, model_spec, save_config
+from bdiff_pyro.config import Config, check_batch_divides, config_text, model_spec, save_config
 from bdiff_pyro.data import Dataset, load_dataset
 from bdiff_pyro.diffusion.bound import first_stochastic_step, negative_elbo_estimate, uniform_step_proposal
+from bdiff_pyro.distributed import GradientAveraging, World, resolve_device
 from bdiff_pyro.errors import TrainingStopped, TrainingWarning, UserError
 from bdiff_pyro.evaluation import (
     bound_fell,
@@ -56,10 +57,14 @@ class AnalyticLoss:
     With ``importance=True``, r(t) ∝ sqrt(E[L_t^2]) from a running history of each step's
     term (Nichol & Dhariwal 2021), mixed with 10% uniform so that r > 0 everywhere and the
     estimate stays unbiased; uniform until every step has been seen.
+
+    On several processes (``world``), x0 is the global minibatch: every process draws t and
+    x^t for all of it and scores its own rows, and the history is updated from the sums over
+    the whole minibatch, so that it is the same on every process.
     """
 
-    def __init__(self, T, importance=False, decay=0.9):
-        self.importance, self.decay = importance, decay
+    def __init__(self, T, importance=False, decay=0.9, world=World()):
+        self.importance, self.decay, self.world = importance, decay, world
         self.mean_square = torch.zeros(T + 1, dtype=torch.float64)
         self.seen = torch.zeros(T + 1, dtype=torch.bool)
 
@@ -72,15 +77,16 @@ class AnalyticLoss:
 
     def __call__(self, model, guide, x0):
         estimates, t, terms = negative_elbo_estimate(model.kernel, model.log_probs, x0,
-                                                     self.step_proposal(model.kernel))
+                                                     self.step_proposal(model.kernel), self.world.rows(len(x0)))
         if self.importance:
             self._remember(t.cpu(), terms.detach().double().cpu())
         return estimates.mean()
 
     def _remember(self, t, terms):
-        """Exponential moving average of L_t^2 for every step t in the minibatch."""
+        """Exponential moving average of L_t^2 for every step t in the (global) minibatch."""
         sums = torch.zeros_like(self.mean_square).index_add_(0, t, terms * terms)
         counts = torch.zeros_like(self.mean_square).index_add_(0, t, torch.ones_like(terms))
+        sums, counts = self.world.sum_(torch.stack([sums, counts]))
         hit = counts > 0
         batch_mean = sums[hit] / counts[hit]
         previous = torch.where(self.seen[hit], self.mean_square[hit], batch_mean)
@@ -257,14 +263,14 @@ class TrainingSetup:
     payload: typing.Optional[dict] = None  # its contents
 
 
-def prepare_training(config, resume_dir=None):
-    """Load the data, resolve the config, check the device and the memory the run needs, and
-    (resuming) read the checkpoint and check that it matches: a bad input stops here, before
-    a run directory exists."""
+def prepare_training(config, resume_dir=None, world=World()):
+    """Load the data, resolve the config, check the device, the memory the run needs and (on
+    several processes) the batch size, and (resuming) read the checkpoint and check that it
+    matches: a bad input stops here, before a run directory exists."""
+    check_batch_divides(config.train.batch_size, world.size)
     dataset = load_dataset(config.data)
     config = resolve_config(config, dataset)
-    if torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: cuda requested but no CUDA device is available")
+    resolve_device(config.device, world.local_rank)
     levels = config.data.levels + (config.model.kernel == "absorbing")  # the mask state
     require_memory(training_bytes(config.model, dataset.n, levels, config.train.batch_size,
                                   max(config.evaluate.num_samples, config.train.eval_samples)),
@@ -284,15 +290,22 @@ def train(config, run_dir, resume=False, progress=True, log=print):
     return run_training(setup, run_dir, progress=progress, log=log)
 
 
-def run_training(setup, run_dir, progress=True, log=print):
+def run_training(setup, run_dir, progress=True, log=print, world=World()):
     """The training loop of a prepared run whose directory holds its config.yaml.
 
     A checkpoint is written only from finite weights whose loss, estimated on a minibatch, is
     finite: a run that diverges keeps the last sound checkpoint and says which step it holds.
+
+    On several processes (``world``, joined by ``distributed.join``), each scores its slice of
+    every minibatch and the gradients are averaged; rank 0 alone evaluates, writes the run
+    directory and returns the final metrics (the others return None after the last step).
     """
     run_dir = Path(run_dir)
     config, dataset, payload = setup.config, setup.dataset, setup.payload
-    device = torch.device(config.device)
+    device = resolve_device(config.device, world.local_rank)
+    progress = progress and world.main
+    if not world.main:
+        log = _silent
     if config.threads:
         torch.set_num_threads(config.threads)
     pyro.clear_param_store()  # PyroModule parameters are registered in the global store
@@ -305,6 +318,8 @@ def run_training(setup, run_dir, progress=True, log=print):
         "weight_decay": config.train.weight_decay,
         "lrd": (config.train.lr_final / config.train.lr) ** (1.0 / config.train.steps),
     })
+    if world.distributed:
+        optim = GradientAveraging(optim, world)
     state = TrainingState()
     average = WeightAverage(process, config.train.ema) if config.train.ema > 0 else None
     last_saved = None  # the step the checkpoint on disk holds
@@ -320,11 +335,13 @@ def run_training(setup, run_dir, progress=True, log=print):
             optim_state = _reschedule(optim_state, config.train.lr_final, config.train.steps - state.step)
         optim.set_state(optim_state)
         torch.set_rng_state(payload["rng_state"])
+        if device.type == "cuda" and "cuda_rng_state" in payload:  # minibatches and noise drawn on the GPU
+            torch.cuda.set_rng_state(payload["cuda_rng_state"], device)
         last_saved = state.step
         log(f"resuming {run_dir} at step {state.step}")
 
     train_x = dataset.train.to(device)
-    loss = AnalyticLoss(process.T, importance=config.train.t_sampling == "importance")
+    loss = AnalyticLoss(process.T, importance=config.train.t_sampling == "importance", world=world)
     if payload is not None and "loss_state" in payload:
         loss.load_state_dict(payload["loss_state"])
     svi = SVI(process, partial(forward_chain, process.kernel), optim, loss=loss)
@@ -353,6 +370,8 @@ def run_training(setup, run_dir, progress=True, log=print):
         payload = {"format": FORMAT, "spec": spec.to_dict(), "config": config.to_dict(), "n": dataset.n,
                    "optim_state": optim.get_state(),
                    "state": vars(state), "rng_state": torch.get_rng_state(), "loss_state": loss.state_dict()}
+        if device.type == "cuda":
+            payload["cuda_rng_state"] = torch.cuda.get_rng_state(device)
         if average is not None:
             payload["raw_model_state"] = _copy(process.state_dict())
         with averaged():
@@ -362,21 +381,47 @@ def run_training(setup, run_dir, progress=True, log=print):
             last_saved = state.step
 
     if state.step == 0:
-        with averaged():
-            state.start_bound = _held_out_bound(process, dataset, config, state)
+        def start_bound():
+            with averaged():
+                state.start_bound = _held_out_bound(process, dataset, config, state)
+        world.on_main(start_bound)
     started = time.perf_counter() - state.wall_time
     losses = []
     bar = tqdm(total=config.train.steps, initial=state.step, disable=not progress, desc="train", unit="step")
+
+    def record(evaluating, saving):
+        """Rank 0, while the other processes wait: this step's evaluation and checkpoints."""
+        nonlocal losses
+        improved = False
+        if evaluating:
+            with averaged():
+                row = _evaluate_during_training(process, dataset, config, state, losses, optim)
+            if not math.isfinite(row["val_elbo_bits"]):
+                raise diverged(f"held-out ELBO is {row['val_elbo_bits']}")
+            row["elapsed_s"] = time.perf_counter() - started
+            state.history.append(row)
+            losses = []
+            improved = state.best_step is None or row["val_elbo_bits"] > state.best_val_elbo_bits
+            if improved:
+                state.best_step, state.best_val_elbo_bits = state.step, row["val_elbo_bits"]
+            bar.set_postfix_str(f"-ELBO bits/seq: train {row['loss_bits']:.3f}, val {-row['val_elbo_bits']:.3f}")
+        if saving:
+            state.wall_time = time.perf_counter() - started
+            save()
+        if improved:  # after the checkpoint: a full disk here still leaves one
+            save(run_dir / BEST_NAME)
+
     with _InterruptFlag() as interrupt, bar:
         while state.step < config.train.steps:
             batch = train_x[torch.randint(len(train_x), (config.train.batch_size,), device=device)]
             try:
-                value = svi.step(batch)
+                value = svi.step(batch)  # this process's rows of the batch; gradients averaged over processes
             except (RuntimeError, MemoryError) as error:
                 if not _out_of_memory(error):
                     raise
                 raise UserError(f"out of memory at training step {state.step + 1}; lower train.batch_size, "
                                 "model.hidden or model.T") from None
+            value, interrupted = world.agree(value, interrupt.raised)  # every process stops at the same step
             state.step += 1
             if not math.isfinite(value):
                 raise diverged(f"loss {value}")
@@ -389,31 +434,16 @@ def run_training(setup, run_dir, progress=True, log=print):
             bar.update(1)
             last = state.step == config.train.steps
             evaluating = state.step % config.train.eval_every == 0 or last
-            interrupted = interrupt.raised
             saving = state.step % config.train.checkpoint_every == 0 or last or interrupted
             if evaluating or saving:
                 check_sound(batch)
-            if evaluating:
-                with averaged():
-                    row = _evaluate_during_training(process, dataset, config, state, losses, optim)
-                if not math.isfinite(row["val_elbo_bits"]):
-                    raise diverged(f"held-out ELBO is {row['val_elbo_bits']}")
-                row["elapsed_s"] = time.perf_counter() - started
-                state.history.append(row)
-                losses = []
-                improved = state.best_step is None or row["val_elbo_bits"] > state.best_val_elbo_bits
-                if improved:
-                    state.best_step, state.best_val_elbo_bits = state.step, row["val_elbo_bits"]
-                bar.set_postfix_str(f"-ELBO bits/seq: train {row['loss_bits']:.3f}, val {-row['val_elbo_bits']:.3f}")
-            if saving:
-                state.wall_time = time.perf_counter() - started
-                save()
-            if evaluating and improved:  # after the checkpoint: a full disk here still leaves one
-                save(run_dir / BEST_NAME)
+                world.on_main(partial(record, evaluating, saving))
             if interrupted:
                 raise TrainingStopped(
                     f"interrupted at step {state.step}; checkpoint saved to {checkpoint}; "
                     f"continue with: {resume_command(run_dir)}", exit_code=130)
+    if not world.main:
+        return None
     state.wall_time = time.perf_counter() - started
     if state.start_bound is not None and state.history:
         end = state.history[-1]
@@ -422,10 +452,14 @@ def run_training(setup, run_dir, progress=True, log=print):
             warnings.warn(f"{fell}; the model may have collapsed (train.lr = {config.train.lr:g} too large?)",
                           TrainingWarning, stacklevel=2)
     if state.best_step is not None and state.best_step != state.step:  # finish with the selected weights
-        best = torch.load(run_dir / BEST_NAME, map_location="cpu", weights_only=True)["model_state"]
+        best = torch.load(run_dir / BEST_NAME, map_location=device, weights_only=True)["model_state"]
         process.load_state_dict({k: v for k, v in best.items() if not k.startswith("kernel.")})
         average, averaged = None, contextlib.nullcontext
     return finish_training(process, averaged, dataset, config, state, run_dir, progress, log)
+
+
+def _silent(*args, **kwargs):
+    """The log of processes other than rank 0."""
 
 
 def resume_command(run_dir):
@@ -519,7 +553,7 @@ def _held_out_bound(process, dataset, config, state):
 def _evaluate_during_training(process, dataset, config, state, losses, optim):
     report = _held_out_bound(process, dataset, config, state)
     process.eval()
-    samples = sample_in_batches(process, config.train.eval_samples, seed=config.seed)
+    samples = sample_in_batches(process, config.train.eval_samples, seed=config.seed).cpu()  # for host-side counts
     process.train()
     fractions = membership_fractions(samples, dataset.train, dataset.val)
     state.snapshots.append((state.step, samples[:32].to(torch.uint8).cpu()))
@@ -540,7 +574,7 @@ def finish_run(process, dataset, config, state, run_dir, progress=False):
     val_bound = bound_report(process, dataset.val, evaluate.replicates, seed=config.seed + 1, distinct=True,
                              max_sequences=max_sequences, progress=progress and "ELBO on held-out data")
     started = time.perf_counter()
-    samples = sample_in_batches(process, evaluate.num_samples, seed=config.seed)
+    samples = sample_in_batches(process, evaluate.num_samples, seed=config.seed).cpu()  # for counts and plots
     sampling_seconds = time.perf_counter() - started
     metrics = {
         "train": train_bound, "held_out": val_bound,

@@ -18,6 +18,7 @@ PIECES = [  # (name, directory pattern under benchmarks/out, what it is)
     ("heartbeat64", "heartbeat64*", "n = 64, period 32"),
     ("digits", "digits-*", "8x8 digits against exact baselines"),
     ("uci", "uci-*", "UCI binary benchmarks (dna, mushrooms) beside the published table"),
+    ("distributed", "distributed-*", "Training on 1 and 2 processes (torchrun, gloo)"),
 ]
 
 

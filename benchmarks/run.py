@@ -27,6 +27,8 @@ STEPS = [
     [PY, "experiments/crosscheck/compare.py"],
     # the UCI binary benchmarks (dna, mushrooms) beside the published table: about 30 minutes
     [PY, "benchmarks/uci.py"],
+    # steps per second on 1 and 2 processes, default and digits configs: about 10 minutes
+    [PY, "benchmarks/distributed.py"],
     # benchmarks/results.json and results.md: the newest result of each piece
     [PY, "benchmarks/collect.py"],
 ]

@@ -15,7 +15,7 @@ LAYERS = {
     "diffusion": 1, "networks": 1, "data": 1, "baselines": 1,
     "programs": 2,
     "config": 3, "checkpoints": 3, "train": 3, "evaluation": 3, "diagnostics": 3, "plots": 3, "memory": 3,
-    "crosscheck": 3,
+    "crosscheck": 3, "distributed": 3,
     "cli": 4, "__main__": 4,
 }
 

@@ -134,11 +134,11 @@ def step_loss(kernel: DiscreteKernel, reverse_log_probs: ReverseLogProbs, x0: Te
         return -log_prob_of(log_p, x0).sum(-1)
     # Rows with t = 1 (learned edge only) take the reconstruction branch below; the
     # posterior, defined for t >= 2, is evaluated there at t = 2 and discarded.
-    t_kl = t if isinstance(t, int) else torch.as_tensor(t).clamp_min(2)
+    t_kl = t if isinstance(t, int) else torch.as_tensor(t, device=x_t.device).clamp_min(2)
     kl = kl_categorical(kernel.q_posterior_log_probs(x_t, x0, t_kl), log_p).sum(-1)
     if isinstance(t, int) or kernel.closed_form_edge:
         return kl
-    return torch.where(torch.as_tensor(t) == 1, -log_prob_of(log_p, x0).sum(-1), kl)
+    return torch.where(torch.as_tensor(t, device=x_t.device) == 1, -log_prob_of(log_p, x0).sum(-1), kl)
 
 
 def sample_x_t(kernel: DiscreteKernel, x0: Tensor, t: Time) -> Tensor:
@@ -185,18 +185,23 @@ def uniform_step_proposal(kernel: DiscreteKernel) -> Tensor:
 
 
 def negative_elbo_estimate(kernel: DiscreteKernel, reverse_log_probs: ReverseLogProbs, x0: Tensor,
-                           step_proposal: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                           step_proposal: Optional[Tensor] = None,
+                           rows: slice = slice(None)) -> tuple[Tensor, Tensor, Tensor]:
     """Unbiased one-sample estimate of -ELBO(x^0) per sequence, for training.
 
     t ~ r(t) (uniform over the stochastic steps unless ``step_proposal``, a (T+1,) table of
     probabilities, is given), x^t ~ q(x^t | x^0); the estimate is L_t(x^0, x^t) / r(t) plus
     the closed-form loss, whose expectation is -ELBO for any r that is positive wherever
     L_t can be.  The closed-form loss is added once, not once per step.
-    Returns (estimates, t, L_t).
+
+    t and x^t are drawn for every row of x0 and the estimate is computed for ``x0[rows]``
+    only: a process that scores its slice of a minibatch draws what one process scoring the
+    whole minibatch draws.  Returns (estimates, t, L_t) of those rows.
     """
     probs = uniform_step_proposal(kernel) if step_proposal is None else step_proposal
     t = torch.multinomial(probs.float(), x0.shape[0], replacement=True)
     x_t = sample_x_t(kernel, x0, t)
+    x0, x_t, t = x0[rows], x_t[rows], t[rows]
     losses = step_loss(kernel, reverse_log_probs, x0, x_t, t)
     return losses / probs[t] + closed_form_loss(kernel, x0), t, losses
 

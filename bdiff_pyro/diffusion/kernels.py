@@ -259,8 +259,8 @@ class ResampleKernel(DiscreteKernel):
         return self._pi
 
     def _mix(self, rates):
-        """(1 - r) I + r 1 pi^T for every rate r: (T+1,) -> (T+1, K, K)."""
-        eye = torch.eye(self.num_states, dtype=torch.float64)
+        """(1 - r) I + r 1 pi^T for every rate r: (T+1,) -> (T+1, K, K), where pi is (the CPU)."""
+        eye = torch.eye(self.num_states, dtype=torch.float64, device=self._pi.device)
         rates = rates[:, None, None]
         return (1 - rates) * eye + rates * self._pi[None, None, :]
 
@@ -276,7 +276,7 @@ class ResampleKernel(DiscreteKernel):
         ``betas_from_beta_tilde``)."""
         kept_until_s = 1 - float(self._beta_tilde[s])
         keep = (1 - float(self._beta_tilde[t])) / kept_until_s if kept_until_s > 0 else 0.0
-        return self._mix(torch.tensor([1 - keep], dtype=torch.float64))[0].log().to(self.log_Q)
+        return self._mix(torch.tensor([1 - keep], dtype=torch.float64, device=self._pi.device))[0].log().to(self.log_Q)
 
 
 class BernoulliKernel(ResampleKernel):

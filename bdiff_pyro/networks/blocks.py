@@ -11,12 +11,12 @@ from bdiff_pyro import registry
 from bdiff_pyro.networks.mlp import sinusoidal_embedding
 
 
-def flat_time_code(t, lead_shape, dim, dtype):
+def flat_time_code(t, lead_shape, dim, dtype, device=None):
     """The sinusoidal code of t for a batch flattened to one dimension: (1, dim) when every
-    sequence shares an int t, (prod(lead_shape), dim) for one time per sequence."""
+    sequence shares an int t (placed on ``device``), (prod(lead_shape), dim) for one time per sequence."""
     if isinstance(t, int):
-        return sinusoidal_embedding(t, dim).to(dtype).unsqueeze(0)
-    t = torch.as_tensor(t).expand(lead_shape).reshape(-1)
+        return sinusoidal_embedding(t, dim, device).to(dtype).unsqueeze(0)
+    t = torch.as_tensor(t, device=device).expand(lead_shape).reshape(-1)
     return sinusoidal_embedding(t, dim).to(dtype)
 
 
@@ -118,7 +118,7 @@ class ResidualConvNet(nn.Module):
         """(..., n, num_features) features and an int or per-sequence t -> (..., n, K - 1)."""
         dtype = self.lift.weight.dtype
         lead = features.shape[:-2]
-        time = flat_time_code(t, lead, self.time_embedding, dtype)
+        time = flat_time_code(t, lead, self.time_embedding, dtype, features.device)
         h = self.lift(self.to_grid(features.to(dtype).reshape(-1, self.n, self.num_features)))
         for block in self.blocks:
             h = block(h, time)

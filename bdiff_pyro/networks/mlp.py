@@ -9,11 +9,13 @@ from torch import nn
 from bdiff_pyro import registry
 
 
-def sinusoidal_embedding(t, dim):
-    """[sin(t w_k), cos(t w_k)] with w_k = 10000^(-k / (dim/2)): the transformer time code."""
+def sinusoidal_embedding(t, dim, device=None):
+    """[sin(t w_k), cos(t w_k)] with w_k = 10000^(-k / (dim/2)): the transformer time code, on
+    t's device (an int t: on ``device``)."""
     half = dim // 2
-    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
-    angles = torch.as_tensor(t, dtype=torch.float64).unsqueeze(-1) * frequencies
+    t = torch.as_tensor(t, dtype=torch.float64, device=t.device if torch.is_tensor(t) else device)
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.unsqueeze(-1) * frequencies
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
@@ -57,7 +59,7 @@ class MLP(nn.Module):
         """(..., n, num_features) features and an int or per-sequence t -> (..., n, K - 1)
         logits of states 1..K-1 against state 0."""
         dtype = self.state_in.weight.dtype
-        time = sinusoidal_embedding(t, self.time_embedding).to(dtype)
+        time = sinusoidal_embedding(t, self.time_embedding, features.device).to(dtype)
         h = features.to(dtype).flatten(-2)
         for index, layer in enumerate([self.state_in, *self.hidden]):
             pre = layer(h)

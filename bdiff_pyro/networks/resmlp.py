@@ -58,7 +58,7 @@ class ResMLP(nn.Module):
     def forward(self, features: torch.Tensor, t) -> torch.Tensor:
         """(..., n, num_features) features and an int or per-sequence t -> (..., n, K - 1) logits."""
         dtype = self.state_in.weight.dtype
-        time = sinusoidal_embedding(t, self.time_embedding).to(dtype)
+        time = sinusoidal_embedding(t, self.time_embedding, features.device).to(dtype)
         h = self.state_in(features.to(dtype).flatten(-2)) + self.time_in(time)
         for norm, first, times, second in zip(self.norms, self.hidden, self.times, self.second):
             h = h + second(self.dropout(self.act(first(norm(h)) + times(time))))

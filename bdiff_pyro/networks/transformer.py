@@ -68,7 +68,7 @@ class TransformerNet(nn.Module):
         """(..., n, num_features) features and an int or per-sequence t -> (..., n, K - 1)."""
         dtype = self.embed.weight.dtype
         lead = features.shape[:-2]
-        time = sinusoidal_embedding(t, self.time_embedding).to(dtype)
+        time = sinusoidal_embedding(t, self.time_embedding, features.device).to(dtype)
         time = time.reshape(1, -1) if isinstance(t, int) else time.expand(*lead, -1).reshape(-1, time.shape[-1])
         h = self.embed(features.to(dtype).reshape(-1, self.n, self.num_features))
         h = h + self.time_in(time).unsqueeze(-2)

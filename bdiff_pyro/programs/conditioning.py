@@ -85,7 +85,7 @@ def impute(process, values: torch.Tensor, mask: torch.Tensor, method: str = "smc
         raise UserError(f"unknown imputation method {method!r}; choose one of {', '.join(METHODS)}")
     values, mask = _check_observations(process, values, mask)
     if generator is None:
-        generator = torch.Generator()
+        generator = torch.Generator(device=values.device)
         if seed is not None:
             generator.manual_seed(seed)
         else:
@@ -101,8 +101,9 @@ def impute(process, values: torch.Tensor, mask: torch.Tensor, method: str = "smc
 
 
 def _check_observations(process, values, mask):
-    """(values, mask) as (B, n) tensors in the process's dtype and bool, observed values valid."""
-    values, mask = torch.as_tensor(values), torch.as_tensor(mask).bool()
+    """(values, mask) as (B, n) tensors on the process's device, in its dtype and bool, observed values valid."""
+    device = process.kernel.log_pi.device
+    values, mask = torch.as_tensor(values, device=device), torch.as_tensor(mask, device=device).bool()
     if values.dim() != 2 or values.shape[-1] != process.n or mask.shape != values.shape:
         raise UserError(f"expected values and a mask of shape (B, {process.n}); got {tuple(values.shape)} "
                         f"and {tuple(mask.shape)}")
@@ -139,7 +140,8 @@ def _forward_pass(process, max_states):
     kernel, n = process.kernel, process.n
     check_enumerable(n, kernel.num_states, max_states)
     dtype = kernel.log_pi.dtype
-    states = decode(torch.arange(num_joint_states(n, kernel.num_states)), n, kernel.num_states, dtype)
+    states = decode(torch.arange(num_joint_states(n, kernel.num_states), device=kernel.log_pi.device), n,
+                    kernel.num_states, dtype)
     log_alpha = joint_log_probs(kernel.prior_log_probs((n,)))
     for t in range(process.T, 0, -1):
         transition = joint_log_probs(process.log_probs(states, t))  # (S, S')
@@ -155,7 +157,7 @@ def exact_impute(process, values, mask, num_samples, generator, max_states=MAX_J
         raise UserError(f"the exact method enumerates all {kernel.num_states}^{n} = {states} states of a sequence, "
                         f"more than the limit of {max_states}; use the smc method")
     log_marginal = model_log_marginal(process, max_states).double()
-    states = decode(torch.arange(len(log_marginal)), n, kernel.num_states, torch.float64)
+    states = decode(torch.arange(len(log_marginal), device=log_marginal.device), n, kernel.num_states, torch.float64)
     agrees = ((states.unsqueeze(0) == values.double().unsqueeze(1)) | ~mask.unsqueeze(1)).all(-1)  # (B, S)
     joint = torch.where(agrees, log_marginal, -math.inf)
     log_evidence = torch.logsumexp(joint, -1)
@@ -214,7 +216,7 @@ def step_and_log_twist(process, x_t, t, y, mask):
     if t == 1 or not _predicts_x0(process):
         step = process.log_probs(x_t, t)
         if t > 1:
-            return step, torch.zeros(x_t.shape[:-1], dtype=step.dtype)
+            return step, torch.zeros(x_t.shape[:-1], dtype=step.dtype, device=step.device)
         return step, torch.where(mask, _pick(step, y), 0.0).sum(-1)
     if process.kernel.num_states == 2 and hasattr(process, "x0_logits"):  # bits: the network's fast path
         x0_logits = process.x0_logits(x_t, t)
@@ -239,9 +241,9 @@ def systematic_resample(log_weights: torch.Tensor, generator: torch.Generator) -
     u ~ U(0, 1) one draw per batch (Pyro's ``smcfilter._systematic_sample``, with a generator)."""
     probs = torch.softmax(log_weights, -1)
     size = probs.shape[-1]
-    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, dtype=probs.dtype)
+    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, dtype=probs.dtype, device=probs.device)
     counts = (probs.cumsum(-1) * size + u).floor().clamp(0, size).long()
-    diff = torch.zeros(probs.shape[:-1] + (size + 1,), dtype=torch.long)
+    diff = torch.zeros(probs.shape[:-1] + (size + 1,), dtype=torch.long, device=probs.device)
     diff.scatter_add_(-1, counts, torch.ones_like(counts))
     return diff[..., :-1].cumsum(-1).clamp_max(size - 1)
 
@@ -284,7 +286,7 @@ def _smc_rows(process, values, mask, num_samples, N, R, generator):
     observed = mask[:, None, None, :].expand(shape)
     prior = kernel.prior_log_probs(shape)
     x, log_w = _propose(kernel, prior, kernel.q_marginal_log_probs(y, process.T), observed, generator)
-    log_z = torch.zeros(B, R, dtype=torch.float64)
+    log_z = torch.zeros(B, R, dtype=torch.float64, device=values.device)
     for t in range(process.T, 0, -1):
         step, log_twist = step_and_log_twist(process, x, t, y, observed)
         log_w = log_w + log_twist.double()
@@ -295,7 +297,7 @@ def _smc_rows(process, values, mask, num_samples, N, R, generator):
                 # a group whose weights are all zero (Z_r = 0) resamples uniformly: its Z_r stays 0
                 feasible = torch.where(torch.isfinite(log_w).any(-1, keepdim=True), log_w, 0.0)
                 ancestors = systematic_resample(feasible, generator)
-                keep = torch.arange(N).expand(B, R, N)
+                keep = torch.arange(N, device=values.device).expand(B, R, N)
                 ancestors = torch.where(resample.unsqueeze(-1), ancestors, keep)
                 x, step, log_twist = (_take(a, ancestors) for a in (x, step, log_twist))
                 log_w = torch.where(resample.unsqueeze(-1), torch.zeros_like(log_w), log_w)
@@ -315,7 +317,8 @@ def _smc_rows(process, values, mask, num_samples, N, R, generator):
     completions = x0.reshape(B, R * N, n).gather(1, draws.unsqueeze(-1).expand(B, num_samples, n))
     log_evidence = log_mean_exp(log_z)
     z = (log_z - log_evidence.unsqueeze(-1)).exp()  # Z_r / mean Z
-    se = z.std(-1, unbiased=True) / math.sqrt(R) if R > 1 else torch.full((B,), math.nan, dtype=torch.float64)
+    se = (z.std(-1, unbiased=True) / math.sqrt(R) if R > 1
+          else torch.full((B,), math.nan, dtype=torch.float64, device=values.device))
     return Imputation(completions, marginals, log_evidence, se, ess_of(pooled))
 
 
@@ -328,7 +331,7 @@ def _propose(kernel, model_log_probs, guided_log_probs, observed, generator):
     lam = DEFENSIVE_WEIGHT
     model_draw = kernel.sample_states(model_log_probs, generator)
     guided_draw = kernel.sample_states(guided_log_probs, generator).to(model_draw.dtype)
-    use_model = torch.rand(observed.shape, generator=generator) < lam
+    use_model = torch.rand(observed.shape, generator=generator, device=observed.device) < lam
     x = torch.where(observed & ~use_model, guided_draw, model_draw)
     model_lp, guided_lp = _pick(model_log_probs, x).double(), _pick(guided_log_probs, x).double()
     proposal_lp = torch.logaddexp(math.log1p(-lam) + guided_lp, math.log(lam) + model_lp)

@@ -62,7 +62,7 @@ def stride_grid(T: int, steps: int) -> typing.List[typing.Tuple[int, int]]:
     t_j = round(T (1 - j / steps)), j = 0..steps."""
     if not 1 <= steps <= T:
         raise UserError(f"--steps must be between 1 and T = {T} (got {steps})")
-    times = torch.linspace(T, 0, steps + 1).round().long().tolist()
+    times = torch.linspace(T, 0, steps + 1, device="cpu").round().long().tolist()  # host-side integers
     return list(zip(times[:-1], times[1:]))
 
 
