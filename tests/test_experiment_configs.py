@@ -58,3 +58,11 @@ def test_conv1d_configs_change_only_the_network_and_its_budget(mlp_name, conv_na
     for key in ("T", "schedule", "pi_1", "parameterisation", "kernel"):
         assert getattr(mlp.model, key) == getattr(conv.model, key), key
     assert (mlp.model.network, conv.model.network, conv.model.padding) == ("mlp", "conv1d", "circular")
+
+
+def test_the_digits_conv2d_config_changes_only_the_network_and_t():
+    mlp, conv = (load_config(CONFIGS[0].parent / name) for name in ("digits.yaml", "digits_conv2d.yaml"))
+    assert mlp.data == conv.data
+    for key in ("schedule", "pi_1", "parameterisation", "inputs", "kernel"):
+        assert getattr(mlp.model, key) == getattr(conv.model, key), key
+    assert (conv.model.network, conv.model.padding, list(conv.model.image_shape)) == ("conv2d", "zeros", [8, 8])
