@@ -47,3 +47,22 @@ def test_paper_and_reference_configs_say_what_they_claim():
         assert (config.data.n, config.data.period, config.model.T, config.model.schedule) == (20, 5, 2000, "paper")
         assert config.model.hidden == [50, 50, 50] and config.model.activation == "sigmoid"
     assert paper.model.pi_1 == 0.2 and reference.model.pi_1 == 0.5
+
+
+@pytest.mark.parametrize("mlp_name, conv_name", [("heartbeat_t1000.yaml", "heartbeat_t1000_conv1d.yaml"),
+                                                ("heartbeat64.yaml", "heartbeat64_conv1d.yaml")])
+def test_conv1d_configs_change_only_the_network_and_its_budget(mlp_name, conv_name):
+    """The measured comparisons in docs/networks.md hold data, diffusion and inputs fixed."""
+    mlp, conv = (load_config(CONFIGS[0].parent / name) for name in (mlp_name, conv_name))
+    assert mlp.data == conv.data
+    for key in ("T", "schedule", "pi_1", "parameterisation", "kernel"):
+        assert getattr(mlp.model, key) == getattr(conv.model, key), key
+    assert (mlp.model.network, conv.model.network, conv.model.padding) == ("mlp", "conv1d", "circular")
+
+
+def test_the_digits_conv2d_config_changes_only_the_network_and_t():
+    mlp, conv = (load_config(CONFIGS[0].parent / name) for name in ("digits.yaml", "digits_conv2d.yaml"))
+    assert mlp.data == conv.data
+    for key in ("schedule", "pi_1", "parameterisation", "inputs", "kernel"):
+        assert getattr(mlp.model, key) == getattr(conv.model, key), key
+    assert (conv.model.network, conv.model.padding, list(conv.model.image_shape)) == ("conv2d", "zeros", [8, 8])
