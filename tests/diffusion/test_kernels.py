@@ -151,3 +151,23 @@ def test_absorbing_kernel_masks_and_never_unmasks():
     assert kernel.num_states == 4 and not kernel.closed_form_edge
     assert torch.allclose(kernel.log_Qbar[10].exp()[:, 3], torch.ones(4, dtype=torch.float64))
     assert torch.all(kernel.log_Q.exp()[1:, 3, :3] == 0)
+
+
+def test_absorbing_kernel_on_the_paper_schedule_masks_at_rate_t_over_T():
+    """The paper schedule beta_t = 1/(T - t + 1) makes the absorbing chain's mask probability
+    q(x^t = mask | x^0) = t/T, and the reverse step unmasks a masked dimension with probability
+    1/t (the order-agnostic weight of Austin et al. 2021, Hoogeboom et al. 2022): checked
+    against the product of the step matrices built by hand from beta_t."""
+    from bdiff_pyro.diffusion.kernels import AbsorbingKernel
+    T, mask = 12, 2
+    kernel = AbsorbingKernel(make_beta_tilde("paper", T), 2)
+    product = torch.eye(3, dtype=torch.float64)
+    for t in range(1, T + 1):
+        beta = 1.0 / (T - t + 1)
+        step = torch.tensor([[1 - beta, 0, beta], [0, 1 - beta, beta], [0, 0, 1]], dtype=torch.float64)
+        product = product @ step
+        assert torch.allclose(product[:2, mask], torch.full((2,), t / T, dtype=torch.float64), atol=1e-14)
+        assert torch.allclose(kernel.log_Qbar[t].exp(), product, atol=1e-14)
+        if t >= 2:
+            unmask = kernel.q_posterior_log_probs(torch.tensor([mask]), torch.tensor([1]), t).exp()[0]
+            assert torch.allclose(unmask, torch.tensor([0, 1 / t, 1 - 1 / t], dtype=torch.float64), atol=1e-14)
