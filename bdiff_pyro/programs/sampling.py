@@ -101,14 +101,14 @@ def jump_dist(step: ReverseStep, x_t, t: int, s: int):
 
 
 def draw_bits(probs, generator=None):
-    """Bits (bool) with P(1) = probs: the draws of ``torch.bernoulli(probs, generator=generator)``,
+    """Bits (floats 0./1.) with P(1) = probs: the draws of ``torch.bernoulli(probs, generator=generator)``,
     which a Pyro Bernoulli site makes, at a third of its cost.  On the CPU torch's Bernoulli
     takes one uniform u per element, in order, from the generator (24 random bits in float32,
     53 in float64) and returns u < p; ``torch.rand`` takes the same uniforms (a test checks
     that the two agree draw for draw)."""
     if probs.device.type != "cpu":
-        return torch.bernoulli(probs, generator=generator).bool()
-    return torch.rand(probs.shape, generator=generator, dtype=probs.dtype) < probs
+        return torch.bernoulli(probs, generator=generator)
+    return torch.rand(probs.shape, generator=generator, dtype=probs.dtype).lt_(probs)
 
 
 def draw_jump(step: ReverseStep, x_t, t: int, s: int, generator=None):
@@ -120,7 +120,7 @@ def draw_jump(step: ReverseStep, x_t, t: int, s: int, generator=None):
             probs = step.probs(x_t, t)
         else:
             probs = torch.sigmoid(jump_logits(step, x_t, t, s))
-        return draw_bits(probs, generator).to(probs.dtype)
+        return draw_bits(probs, generator)
     return step.kernel.sample_states(jump_log_probs(step, x_t, t, s), generator)
 
 
