@@ -63,7 +63,8 @@ class BinaryStepPlan:
         evidence = kernel.log_Qbar[:, 1, :] - kernel.log_Qbar[:, 0, :]  # (T+1, x): log q(x | 1) - log q(x | 0)
         features = {"state": None, "evidence": torch.sigmoid(evidence), "log_evidence": evidence}[process.inputs]
         self.features = None if features is None else _PerState(features)
-        self.own_evidence = _PerState(evidence) if process.add_own_evidence else None
+        # the own evidence enters the prediction of x^0 (a direct step has none)
+        self.own_evidence = _PerState(evidence) if process.add_own_evidence and not self.direct else None
         if self.direct:
             self.likelihood = _PerState(kernel.log_Q[:, 1, :] - kernel.log_Q[:, 0, :])
         else:
@@ -71,7 +72,7 @@ class BinaryStepPlan:
             self.if_x0_is_0, self.if_x0_is_1 = _PerState(one[..., 0]), _PerState(one[..., 1])
 
     def _network_logits(self, x, t):
-        """The network's logit l per position, own evidence added; x^t as floats 0./1."""
+        """The network's logit l per position (x0: own evidence added); x^t as floats 0./1."""
         features = x if self.features is None else self.features(t, x)
         logits = self.net(features, t)[..., 0]
         if self.own_evidence is not None:
