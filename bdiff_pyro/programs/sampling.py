@@ -100,15 +100,30 @@ def jump_dist(step: ReverseStep, x_t, t: int, s: int):
     return dist.Categorical(logits=jump_log_probs(step, x_t, t, s))
 
 
-def draw_bits(probs, generator=None):
+def draw_bits(probs, generator=None, out=None):
     """Bits (floats 0./1.) with P(1) = probs: the draws of ``torch.bernoulli(probs, generator=generator)``,
     which a Pyro Bernoulli site makes, at a third of its cost.  On the CPU torch's Bernoulli
     takes one uniform u per element, in order, from the generator (24 random bits in float32,
     53 in float64) and returns u < p; ``torch.rand`` takes the same uniforms (a test checks
-    that the two agree draw for draw)."""
+    that the two agree draw for draw).  ``out``: a tensor of probs' shape to draw into."""
     if probs.device.type != "cpu":
-        return torch.bernoulli(probs, generator=generator)
-    return torch.rand(probs.shape, generator=generator, dtype=probs.dtype).lt_(probs)
+        return torch.bernoulli(probs, generator=generator, out=out)
+    if out is None:
+        return torch.rand(probs.shape, generator=generator, dtype=probs.dtype).lt_(probs)
+    return torch.rand(probs.shape, generator=generator, out=out).lt_(probs)
+
+
+def draw_step(step: ReverseStep, x_t, t: int, generator=None):
+    """x^{t-1} drawn from ``step.probs(x^t, t)``, block by block of ``step.rows_per_block``
+    sequences if the step computes its probabilities so (the same numbers; the uniforms are
+    taken in the same order as for the whole batch at once)."""
+    rows = getattr(step, "rows_per_block", None)
+    if rows is None or x_t.dim() != 2 or len(x_t) <= rows:
+        return draw_bits(step.probs(x_t, t), generator)
+    out = torch.empty_like(x_t)
+    for block, out_block in zip(x_t.split(rows), out.split(rows)):
+        draw_bits(step.probs(block, t), generator, out=out_block)
+    return out
 
 
 def draw_jump(step: ReverseStep, x_t, t: int, s: int, generator=None):
@@ -117,10 +132,8 @@ def draw_jump(step: ReverseStep, x_t, t: int, s: int, generator=None):
     if step.kernel.num_states == 2:
         # torch's Bernoulli(logits).sample(): bernoulli(sigmoid(logits)), as the Pyro site draws it
         if s == t - 1 and hasattr(step, "probs"):
-            probs = step.probs(x_t, t)
-        else:
-            probs = torch.sigmoid(jump_logits(step, x_t, t, s))
-        return draw_bits(probs, generator)
+            return draw_step(step, x_t, t, generator)
+        return draw_bits(torch.sigmoid(jump_logits(step, x_t, t, s)), generator)
     return step.kernel.sample_states(jump_log_probs(step, x_t, t, s), generator)
 
 

@@ -15,6 +15,7 @@ from pyro.infer import SVI
 from bdiff_pyro.diffusion.bound import all_states
 from bdiff_pyro.networks.mlp import TimeTabulatedMLP
 from bdiff_pyro.programs.forward import forward_chain
+from bdiff_pyro.programs.plan import BinaryStepPlan
 from bdiff_pyro.programs.sampling import draw_bits
 from bdiff_pyro.programs.sites import bernoulli_site
 from bdiff_pyro.train import AnalyticLoss
@@ -106,6 +107,21 @@ def test_float32_pyro_program_and_sampler_draw_identical_samples(name, parameter
     with torch.no_grad():
         site = process.step_dist(trace.nodes["x_7"]["value"], 7)  # one step alone: the same numbers
     assert torch.equal(site.probs, process.step_plan().probs(trace.nodes["x_7"]["value"], 7))
+
+
+@pytest.mark.parametrize("parameterisation", ["x0", "direct"])
+def test_drawing_block_by_block_is_drawing_the_whole_batch(monkeypatch, parameterisation):
+    """The plan computes large batches in blocks of sequences and the sampler draws block by
+    block: the Pyro program, drawing the whole batch at once, draws the same samples."""
+    monkeypatch.setattr(BinaryStepPlan, "rows_per_block", 48)
+    process = make_network_process("mlp", n=6, T=30, parameterisation=parameterisation, inputs="evidence").float()
+    pyro.set_rng_seed(8)
+    trace = poutine.trace(process).get_trace(num_sequences=200)  # 4 full blocks and a part
+    assert torch.equal(trace.nodes["x_0"]["value"], process.sample(200, seed=8))
+    x_t = trace.nodes["x_9"]["value"]
+    with torch.no_grad():
+        blocks = torch.cat([process.step_plan()._step(block, 9, scoring=True)[0] for block in x_t.split(48)])
+        assert torch.equal(process.step_plan().logits(x_t, 9), blocks)
 
 
 def test_samples_and_plans_of_a_float64_model_stay_float64():
