@@ -175,7 +175,8 @@ class ReverseProcess(PyroModule):
 
     def step_dist(self, x_t, t):
         """p(x^{t-1} | x^t) as the Pyro distribution of one time slice.  The Pyro program and
-        ``sample`` both draw from the step plan, so they give the same samples for the same seed."""
+        ``sample`` both draw from the step plan, so they give the same samples for the same seed
+        (this builds a plan for one step; the program builds one for all)."""
         if self.binary:
             return self.step_plan().step_dist(x_t, t)
         return dist.Categorical(logits=self.log_probs(x_t, t))

@@ -130,9 +130,9 @@ def draw_jump(step: ReverseStep, x_t, t: int, s: int, generator=None):
     """One draw of x^s given x^t from :func:`jump_dist`, with ``generator``; a one-step jump
     of a step with ``probs`` draws from those."""
     if step.kernel.num_states == 2:
-        # torch's Bernoulli(logits).sample(): bernoulli(sigmoid(logits)), as the Pyro site draws it
         if s == t - 1 and hasattr(step, "probs"):
             return draw_step(step, x_t, t, generator)
+        # torch's Bernoulli(logits).sample(): bernoulli(sigmoid(logits)), as the Pyro site draws it
         return draw_bits(torch.sigmoid(jump_logits(step, x_t, t, s)), generator)
     return step.kernel.sample_states(jump_log_probs(step, x_t, t, s), generator)
 
