@@ -14,7 +14,8 @@ OUT = Path(__file__).resolve().parent / "out"
 PIECES = [  # (name, directory pattern under benchmarks/out, what it is)
     ("heartbeat", "heartbeat-*", "Default, paper and reference configs (and the _wide variants)"),
     ("heartbeat_t1000", "heartbeat_t1000", "Cosine, T = 1000"),
-    ("sampling", "sampling-*", "Full and strided sampling of the T = 1000 run"),
+    ("sampling", "sampling-*", "Sampling speed against the floor and the reference loop; strided sampling "
+                               "of the T = 1000 run"),
     ("heartbeat64", "heartbeat64*", "n = 64, period 32"),
     ("digits", "digits-*", "8x8 digits against exact baselines"),
     ("uci", "uci-*", "UCI binary benchmarks (dna, mushrooms) beside the published table"),

@@ -55,18 +55,77 @@ class MLP(nn.Module):
         """Numbers per sequence each layer holds (for the memory estimates)."""
         return [layer.out_features for layer in [self.state_in, *self.hidden]]
 
+    def time_terms(self, t):
+        """What the time adds to the layers, a function of t alone: the first layer's U tau(t)
+        and, with FiLM, every layer's (gamma_l(t), beta_l(t)) (else None).  t an int, or a
+        tensor of times giving one row per time."""
+        weight = self.state_in.weight
+        time = sinusoidal_embedding(t, self.time_embedding, weight.device).to(weight.dtype)
+        film = None if self.film is None else [layer(time).chunk(2, dim=-1) for layer in self.film]
+        return self.time_in(time), film
+
     def forward(self, features, t):
         """(..., n, num_features) features and an int or per-sequence t -> (..., n, K - 1)
         logits of states 1..K-1 against state 0."""
-        dtype = self.state_in.weight.dtype
-        time = sinusoidal_embedding(t, self.time_embedding, features.device).to(dtype)
-        h = features.to(dtype).flatten(-2)
+        time_in, film = self.time_terms(t)
+        h = features.to(self.state_in.weight.dtype).flatten(-2)
         for index, layer in enumerate([self.state_in, *self.hidden]):
             pre = layer(h)
-            if self.film is not None:
-                scale, shift = self.film[index](time).chunk(2, dim=-1)
+            if film is not None:
+                scale, shift = film[index]
                 pre = torch.addcmul(pre + shift, pre, scale)
             if index == 0:
-                pre = pre + self.time_in(time)  # the time enters at the first layer
+                pre = pre + time_in  # the time enters at the first layer
             h = self.act(pre)
         return self.out(h).unflatten(-1, (self.n, self.num_states - 1))
+
+    def with_time_table(self, T):
+        """This network's forward pass for one time shared by the batch, t in 0..T, as a
+        :class:`TimeTabulatedMLP` (for a sampling call)."""
+        return TimeTabulatedMLP(self, T)
+
+
+#: activations with an in-place form, applied to a fresh pre-activation that needs no gradient
+_IN_PLACE = ((nn.Sigmoid, torch.sigmoid_), (nn.Tanh, torch.tanh_), (nn.ReLU, torch.relu_),
+             (nn.SiLU, lambda h: nn.functional.silu(h, inplace=True)))
+
+
+class TimeTabulatedMLP:
+    """``MLP.forward`` for a batch sharing one time t in 0..T, with the weights read once and
+    what t adds to the layers tabulated for every t at once (``MLP.time_terms`` on 0..T), so
+    that a step is the matrix products and activations alone:
+
+        h_1 = act(W_1 x + (b_1 + U tau(t)))          h_l = act(W_l h_{l-1} + b_l)
+
+    (with FiLM each pre-activation a becomes (1 + gamma_l(t)) a + beta_l(t), as in the module).
+    Built per sampling call from the current weights, so it is never stale; the numbers
+    differ from the module's only by rounding (the first bias is added before the product).
+    """
+
+    def __init__(self, mlp: MLP, T: int):
+        time_in, film = mlp.time_terms(torch.arange(T + 1, device=mlp.state_in.weight.device))
+        layers = [mlp.state_in, *mlp.hidden]
+        self.n, self.outputs = mlp.n, mlp.num_states - 1
+        self.weights = [layer.weight.T for layer in layers]
+        self.biases = [layer.bias for layer in layers]
+        self.film, self.time_in = film, time_in  # (T + 1, width) each
+        self.first_bias = self.biases[0] + time_in
+        self.out_weight, self.out_bias = mlp.out.weight.T, mlp.out.bias
+        self.act = mlp.act
+        self.act_in_place = next((fn for kind, fn in _IN_PLACE if isinstance(mlp.act, kind)), mlp.act)
+
+    def __call__(self, features, t: int):
+        """(..., n) features (one per position) at time t -> (..., n, K - 1) logits."""
+        h = features.reshape(-1, self.n).to(self.out_weight.dtype)
+        for index, weight in enumerate(self.weights):
+            if self.film is None:
+                pre = torch.addmm(self.first_bias[t] if index == 0 else self.biases[index], h, weight)
+            else:
+                pre = torch.addmm(self.biases[index], h, weight)
+                scale, shift = self.film[index]
+                pre = torch.addcmul(pre + shift[t], pre, scale[t])
+                if index == 0:
+                    pre = pre + self.time_in[t]
+            h = self.act(pre) if pre.requires_grad else self.act_in_place(pre)
+        out = torch.addmm(self.out_bias, h, self.out_weight)
+        return out.reshape(*features.shape, self.outputs)

@@ -48,6 +48,7 @@ from bdiff_pyro.diffusion.steps import binary_mixture_logits, edge_or_step
 from bdiff_pyro.errors import UserError
 from bdiff_pyro.networks import build_network
 from bdiff_pyro.programs import sampling
+from bdiff_pyro.programs.plan import BinaryStepPlan
 from bdiff_pyro.programs.sites import state_dist
 from bdiff_pyro.programs.spec import ModelSpec
 from bdiff_pyro.registry import INPUTS, PARAMETERISATIONS
@@ -167,11 +168,17 @@ class ReverseProcess(PyroModule):
         """Bits: the logit of p(x^{t-1} = 1 | x^t), shape (..., n)."""
         return edge_or_step(self._edge_logits, self._step_logits, x_t, t)
 
+    def step_plan(self):
+        """The steps as they are drawn (two states: a ``BinaryStepPlan`` of the current
+        weights, per-t tables computed once; otherwise the process itself)."""
+        return BinaryStepPlan(self) if self.binary else self
+
     def step_dist(self, x_t, t):
         """p(x^{t-1} | x^t) as the Pyro distribution of one time slice.  The Pyro program and
-        ``sample`` both draw from it, so they give the same samples for the same seed."""
+        ``sample`` both draw from the step plan, so they give the same samples for the same seed
+        (this builds a plan for one step; the program builds one for all)."""
         if self.binary:
-            return dist.Bernoulli(logits=self.logits(x_t, t))
+            return self.step_plan().step_dist(x_t, t)
         return dist.Categorical(logits=self.log_probs(x_t, t))
 
     def _edge_log_probs(self, x1):
@@ -232,10 +239,11 @@ class ReverseProcess(PyroModule):
     def forward(self, x0=None, num_sequences=None):
         """The generative Pyro program; x^0 is observed when ``x0`` is given."""
         num = x0.shape[0] if x0 is not None else num_sequences
+        plan = self.step_plan()
         with pyro.plate("sequences", num, dim=-2), pyro.plate("dims", self.n, dim=-1):
             x = pyro.sample(f"x_{self.T}", state_dist(self.kernel, self.kernel.prior_log_probs((num, self.n))))
             for t in pyro.markov(range(self.T, 0, -1)):
-                x = pyro.sample(f"x_{t - 1}", self.step_dist(x, t), obs=x0 if t == 1 else None)
+                x = pyro.sample(f"x_{t - 1}", plan.step_dist(x, t), obs=x0 if t == 1 else None)
         return x
 
     def sample(self, num: int, seed=None, steps: typing.Optional[int] = None,
@@ -253,9 +261,9 @@ class ReverseProcess(PyroModule):
             raise ValueError("give a seed or a generator, not both")
         generator = seed if generator is None else generator
         if steps is None:
-            return sampling.ancestral_sample(self, num, generator)
+            return sampling.ancestral_sample(self.step_plan(), num, generator)
         self.stride_grid(steps)  # refuses a direct parameterisation
-        return sampling.strided_sample(self, num, steps, generator)
+        return sampling.strided_sample(self.step_plan(), num, steps, generator)
 
     def stride_grid(self, steps: int):
         """[(t, s), ...]: ``steps`` jumps from T to 0 (``sampling.stride_grid``); the jumps read

@@ -5,8 +5,9 @@ A reverse step is anything with the attributes of :class:`ReverseStep`: the netw
 ``bdiff_pyro.programs.reverse.ReverseProcess``, the exact ``bdiff_pyro.diffusion.oracle.OracleReverse``
 and test doubles all are.  Randomness comes from a ``torch.Generator`` passed in (or a seed
 turned into one); the global generator is used only when neither is given, and is never
-reseeded.  Draws use the same torch operations as the Pyro sites (``DiscreteKernel.sample_states``),
-so the Pyro program under ``pyro.set_rng_seed(s)`` and a sampler with seed s draw the same samples.
+reseeded.  Draws take the same random numbers as the Pyro sites (``DiscreteKernel.sample_states``,
+:func:`draw_bits`), so the Pyro program under ``pyro.set_rng_seed(s)`` and a sampler with seed s
+draw the same samples.
 """
 
 import typing
@@ -30,6 +31,8 @@ class ReverseStep(typing.Protocol):
     as one logit per position, ``logits(x_t, t)`` = log p(x^{t-1} = 1 | x^t) - log p(x^{t-1} = 0 | x^t),
     which is what is drawn from.  Strided sampling reads the prediction of x^0:
     ``x0_log_probs(x_t, t)`` (..., n, K), and for two-state kernels ``x0_logits(x_t, t)`` (..., n).
+    A two-state step may also give ``probs(x_t, t)`` = p(x^{t-1} = 1 | x^t) as its Pyro site
+    draws it (``programs.plan.BinaryStepPlan``); the samplers then draw each step from it.
     """
 
     kernel: DiscreteKernel
@@ -97,11 +100,40 @@ def jump_dist(step: ReverseStep, x_t, t: int, s: int):
     return dist.Categorical(logits=jump_log_probs(step, x_t, t, s))
 
 
+def draw_bits(probs, generator=None, out=None):
+    """Bits (floats 0./1.) with P(1) = probs: the draws of ``torch.bernoulli(probs, generator=generator)``,
+    which a Pyro Bernoulli site makes, at a third of its cost.  On the CPU torch's Bernoulli
+    takes one uniform u per element, in order, from the generator (24 random bits in float32,
+    53 in float64) and returns u < p; ``torch.rand`` takes the same uniforms (a test checks
+    that the two agree draw for draw).  ``out``: a tensor of probs' shape to draw into."""
+    if probs.device.type != "cpu":
+        return torch.bernoulli(probs, generator=generator, out=out)
+    if out is None:
+        return torch.rand(probs.shape, generator=generator, dtype=probs.dtype, device=probs.device).lt_(probs)
+    return torch.rand(probs.shape, generator=generator, out=out).lt_(probs)
+
+
+def draw_step(step: ReverseStep, x_t, t: int, generator=None):
+    """x^{t-1} drawn from ``step.probs(x^t, t)``, block by block of ``step.rows_per_block``
+    sequences if the step computes its probabilities so (the same numbers; the uniforms are
+    taken in the same order as for the whole batch at once)."""
+    rows = getattr(step, "rows_per_block", None)
+    if rows is None or x_t.dim() != 2 or len(x_t) <= rows:
+        return draw_bits(step.probs(x_t, t), generator)
+    out = torch.empty_like(x_t)
+    for block, out_block in zip(x_t.split(rows), out.split(rows)):
+        draw_bits(step.probs(block, t), generator, out=out_block)
+    return out
+
+
 def draw_jump(step: ReverseStep, x_t, t: int, s: int, generator=None):
-    """One draw of x^s given x^t from :func:`jump_dist`, with ``generator``."""
+    """One draw of x^s given x^t from :func:`jump_dist`, with ``generator``; a one-step jump
+    of a step with ``probs`` draws from those."""
     if step.kernel.num_states == 2:
+        if s == t - 1 and hasattr(step, "probs"):
+            return draw_step(step, x_t, t, generator)
         # torch's Bernoulli(logits).sample(): bernoulli(sigmoid(logits)), as the Pyro site draws it
-        return torch.bernoulli(torch.sigmoid(jump_logits(step, x_t, t, s)), generator=generator)
+        return draw_bits(torch.sigmoid(jump_logits(step, x_t, t, s)), generator)
     return step.kernel.sample_states(jump_log_probs(step, x_t, t, s), generator)
 
 
