@@ -475,7 +475,7 @@ def test_checkpoints_save_the_spec_and_one_written_without_it_still_loads(tiny_r
     payload = torch.load(tiny_run / "checkpoint.pt", weights_only=True)
     assert payload["spec"]["n"] == payload["n"] and payload["spec"]["T"] == 6
     torch.save({key: value for key, value in payload.items() if key != "spec"}, tmp_path / "checkpoint.pt")
-    old, new = bdiff_pyro.load(tmp_path), bdiff_pyro.load(tiny_run)
+    old, new = bdiff_pyro.load(tmp_path), bdiff_pyro.load(tiny_run / "checkpoint.pt")
     assert torch.equal(old.sample(50, seed=1), new.sample(50, seed=1))
 
 
