@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out"
+#: pages written by hand, each a table of figures against their targets with its machine and commands
+HAND_WRITTEN = ("summary.md", "networks.md")
 PIECES = [  # (name, directory pattern under benchmarks/out, what it is)
     ("heartbeat", "heartbeat-*", "Default, paper and reference configs (and the _wide variants)"),
     ("heartbeat_t1000", "heartbeat_t1000", "Cosine, T = 1000"),
@@ -23,8 +25,14 @@ PIECES = [  # (name, directory pattern under benchmarks/out, what it is)
 ]
 
 
+def finished(run_dir):
+    """A piece's directory holds a result once it has results.md (a benchmark) or metrics.json
+    (a training run); an interrupted run has neither."""
+    return run_dir.is_dir() and ((run_dir / "results.md").exists() or (run_dir / "metrics.json").exists())
+
+
 def newest(pattern):
-    candidates = sorted((p for p in OUT.glob(pattern) if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    candidates = sorted((p for p in OUT.glob(pattern) if finished(p)), key=lambda p: p.stat().st_mtime)
     return candidates[-1] if candidates else None
 
 
@@ -42,9 +50,10 @@ def heartbeat64_markdown(run_dir):
 def main():
     merged, sections = {}, ["# Benchmark results", "", "Collected by `python benchmarks/collect.py` from "
                             "`benchmarks/out/`; single runs unless a table says median.", ""]
-    summary = Path(__file__).resolve().parent / "summary.md"  # written by hand: the figures against their targets
-    if summary.exists():
-        sections += [summary.read_text(), ""]
+    for written_by_hand in HAND_WRITTEN:
+        page = Path(__file__).resolve().parent / written_by_hand
+        if page.exists():
+            sections += [page.read_text(), ""]
     for name, pattern, title in PIECES:
         run_dir = newest(pattern)
         sections += [f"## {title}", ""]
