@@ -49,10 +49,12 @@ def cmd_train(args):
     world = world_from_environment()
     setup = prepare_training(config, run_dir if args.resume else None, world)
     join(world, resolve_device(setup.config.device, world.local_rank))
+    finished = False
     try:
         train_in_world(args, setup, run_dir if args.resume else None, world)
+        finished = True
     finally:
-        leave(world)
+        leave(world, finished)
 
 
 def train_in_world(args, setup, resume_dir, world):

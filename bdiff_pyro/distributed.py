@@ -136,8 +136,13 @@ def join(world, device):
                             world_size=world.size)
 
 
-def leave(world):
+def leave(world, finished=False):
+    """Disconnect the processes of ``world``.  After a run that ``finished`` on every process,
+    they first wait for one another, so that none tears its connections down while another
+    still uses them (a process that exits early can abort its peer inside gloo)."""
     if world.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

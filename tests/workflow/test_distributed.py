@@ -45,7 +45,7 @@ def torchrun(*args, nproc=2, timeout=120):
 
 
 def weights(run_dir, key="raw_model_state"):
-    return read_checkpoint(run_dir)[1][key]
+    return read_checkpoint(run_dir, last=True)[1][key]
 
 
 def max_difference(a, b):
