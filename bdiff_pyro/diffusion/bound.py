@@ -143,7 +143,7 @@ def step_loss(kernel: DiscreteKernel, reverse_log_probs: ReverseLogProbs, x0: Te
 
 def sample_x_t(kernel: DiscreteKernel, x0: Tensor, t: Time) -> Tensor:
     """x^t ~ q(x^t | x^0) in closed form (t an int or one time per sequence)."""
-    return kernel.sample_states(kernel.q_marginal_log_probs(x0, t))
+    return kernel.sample_marginal(x0, t)
 
 
 # ---------------------------------------------------------------------------------------

@@ -161,8 +161,15 @@ class DiscreteKernel(nn.Module):
         if s is None or (isinstance(t, int) and s == t - 1):
             table = _rows(self.log_posterior, t, x_t)  # (..., n, K_v, K)
         else:
-            table = posterior_table(self.log_span(s, t), self.log_Qbar[s])[_index(x_t)]
+            table = self.posterior_rows(t, s)[_index(x_t)]
         return safe_logsumexp(x0_log_probs.unsqueeze(-1) + table, dim=-2)  # (..., n, K)
+
+    def posterior_rows(self, t: int, s: Optional[int] = None) -> Tensor:
+        """(K, K, K) table [j, v, k] = log q(x^s = k | x^t = j, x^0 = v), s = t - 1 unless given:
+        the table built at construction, or :func:`posterior_table` of the s -> t span."""
+        if s is None or s == t - 1:
+            return self.log_posterior[t]
+        return posterior_table(self.log_span(s, t), self.log_Qbar[s])
 
     def log_span(self, s: int, t: int) -> Tensor:
         """log of the s -> t transition matrix Q_{s+1} ... Q_t (products; closed forms override)."""
@@ -178,6 +185,11 @@ class DiscreteKernel(nn.Module):
         """
         x1 = _index(x1)
         return self.q_step_likelihood(x1, 1) + self.log_pi - self.log_pi[x1].unsqueeze(-1)
+
+    def sample_marginal(self, x0: Tensor, t: Time) -> Tensor:
+        """x^t ~ q(x^t | x^0) = Qbar_t[x^0, :] for every dimension, from torch's global generator
+        (kernels with a cheaper exact draw override)."""
+        return self.sample_states(self.q_marginal_log_probs(x0, t))
 
     def sample_states(self, log_probs: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """One draw of every position from log_probs (..., n, K): floats 0./1. for K = 2,
@@ -343,6 +355,50 @@ class AbsorbingKernel(DiscreteKernel):
 
     def cumulative_matrices(self, Q):
         return self._mask(self._beta_tilde)
+
+    @property
+    def mask(self) -> int:
+        """The code of the mask state: the last one."""
+        return self.num_states - 1
+
+    def sample_marginal(self, x0, t):
+        """x^t ~ q(x^t | x^0): each dimension is masked with probability beta~_t, independently,
+        and keeps x^0 otherwise (integer codes)."""
+        beta_tilde = self.beta_tilde[t]
+        if not isinstance(t, int):
+            beta_tilde = beta_tilde.unsqueeze(-1)  # one rate per sequence
+        masked = torch.rand(x0.shape, dtype=self.beta_tilde.dtype, device=x0.device) < beta_tilde
+        return torch.where(masked, self.mask, _index(x0))
+
+    def q_posterior_log_probs_mixture(self, x_t, x0_log_probs, t, s=None):
+        """The through-x^0 step in closed form, for P(x^0) normalised over all K states
+        (docs/math.md §3).  With w = q(x^s = v | x^t = mask, x^0 = v) = (beta~_t - beta~_s) / beta~_t,
+        the same for every data state v:
+
+            x^t_i masked:    p(x^s_i = v) = w P(x^0_i = v),   p(x^s_i = mask) = 1 - w + w P(x^0_i = mask)
+            x^t_i = j:       q(x^s_i | x^t_i = j, x^0_i = j), the posterior's row (it stays at j)
+
+        The base class's sum over v gives the same numbers at K times the cost; w, 1 - w and the
+        unmasked rows are read from the kernel's posterior table."""
+        if isinstance(t, int):
+            table = self.posterior_rows(t, s)  # (j, v, k)
+        elif s is None:
+            table = self.log_posterior[t]  # (B, j, v, k): one table per sequence
+        else:
+            raise ValueError("a jump to s < t - 1 takes one t for all sequences")
+        data, mask = self.num_data_states, self.mask
+        log_unmask, log_stay_masked = table[..., mask, 0, 0], table[..., mask, 0, mask]
+        x_t = _index(x_t)
+        if isinstance(t, int):
+            kept = table[x_t, x_t]  # (..., n, K): the row q(x^s | x^t = j, x^0 = j)
+        else:
+            log_unmask, log_stay_masked = log_unmask.unsqueeze(-1), log_stay_masked.unsqueeze(-1)  # (B, 1)
+            kept = self.log_posterior[t.unsqueeze(-1).expand(x_t.shape), x_t, x_t]
+        log_unmask = log_unmask.to(x0_log_probs.dtype)
+        unmasked_data = x0_log_probs[..., :data] + log_unmask.unsqueeze(-1)
+        still_masked = torch.logaddexp(log_stay_masked.to(x0_log_probs.dtype), log_unmask + x0_log_probs[..., mask])
+        masked = torch.cat([unmasked_data, still_masked.unsqueeze(-1)], dim=-1)
+        return torch.where((x_t == mask).unsqueeze(-1), masked, kept.to(x0_log_probs.dtype))
 
 
 class DiscretisedGaussianKernel(DiscreteKernel):

@@ -171,3 +171,90 @@ def test_absorbing_kernel_on_the_paper_schedule_masks_at_rate_t_over_T():
         if t >= 2:
             unmask = kernel.q_posterior_log_probs(torch.tensor([mask]), torch.tensor([1]), t).exp()[0]
             assert torch.allclose(unmask, torch.tensor([0, 1 / t, 1 - 1 / t], dtype=torch.float64), atol=1e-14)
+
+
+def brute_force_absorbing_step(beta_tilde, num_data_states, x_t, x0_probs, t, s):
+    """p(x^s = k | x^t) = sum_v P(x^0 = v) q(x^s = k | x^t, x^0 = v) for one dimension, float64,
+    with the posterior from Bayes' rule on step matrices written out from beta_t and multiplied
+    one by one; None where x^t cannot follow any x^0 with P(x^0) > 0."""
+    K, mask = num_data_states + 1, num_data_states
+    betas = betas_from_beta_tilde(beta_tilde)
+    Q = [torch.eye(K, dtype=torch.float64)]
+    for beta in betas[1:].tolist():
+        step = (1 - beta) * torch.eye(K, dtype=torch.float64)
+        step[:, mask] += beta
+        Q.append(step)
+    Qbar = [Q[0]]
+    for step in Q[1:]:
+        Qbar.append(Qbar[-1] @ step)
+    span = torch.eye(K, dtype=torch.float64)
+    for step in Q[s + 1:t + 1]:
+        span = span @ step
+    result = torch.zeros(K, dtype=torch.float64)
+    for v in range(K):
+        joint = torch.tensor([span[k, x_t] * Qbar[s][v, k] for k in range(K)], dtype=torch.float64)
+        if x0_probs[v] > 0 and joint.sum() == 0:
+            return None  # x^t unreachable from a possible x^0
+        if x0_probs[v] > 0:
+            result += x0_probs[v] * joint / joint.sum()
+    return result
+
+
+@pytest.mark.parametrize("schedule", ["paper", "cosine"])
+@pytest.mark.parametrize("mass_on_mask", [False, True])
+def test_absorbing_through_x0_step_is_the_posterior_mixture_by_brute_force(schedule, mass_on_mask):
+    """The absorbing kernel's closed-form through-x^0 step (one t, one t per sequence, and the
+    strided jump s < t - 1) against the sum over x^0 of Bayes' rule on hand-built step matrices,
+    for every x^t a possible x^0 reaches; and against the base class's sum over the posterior
+    table to 1e-10 at every x^t, reachable or not."""
+    from bdiff_pyro.diffusion.kernels import AbsorbingKernel, DiscreteKernel
+    T, data_states = 9, 2
+    beta_tilde = make_beta_tilde(schedule, T)
+    kernel = AbsorbingKernel(beta_tilde, data_states)
+    K = kernel.num_states
+    generator = torch.Generator().manual_seed(0)
+    x_t = torch.cat([torch.arange(K).repeat(5), torch.arange(data_states)])  # every state, then unmasked ones
+    logits = torch.randn(len(x_t), K, generator=generator, dtype=torch.float64) * 2
+    if not mass_on_mask:
+        logits[:, -1] = -math.inf
+    sure = torch.arange(5 * K, len(x_t))  # these predict x^0 = x^t surely, as own evidence makes it
+    logits[sure] = torch.where(torch.arange(K) == x_t[sure, None], 0.0, -math.inf).double()
+    x0_log_probs = torch.log_softmax(logits, -1)
+    checked = 0
+    for t in range(2, T + 1):
+        for s in sorted({t - 1, t // 2, 1}):
+            got = kernel.q_posterior_log_probs_mixture(x_t, x0_log_probs, t, s)
+            generic = DiscreteKernel.q_posterior_log_probs_mixture(kernel, x_t, x0_log_probs, t, s)
+            assert torch.allclose(got, generic, rtol=0, atol=1e-10, equal_nan=False), (t, s)
+            assert torch.equal(torch.isneginf(got), torch.isneginf(generic)), (t, s)
+            for i, state in enumerate(x_t.tolist()):
+                expected = brute_force_absorbing_step(beta_tilde, data_states, state, x0_log_probs[i].exp(), t, s)
+                if expected is not None:
+                    assert torch.allclose(got[i].exp(), expected, rtol=0, atol=1e-13), (t, s, state)
+                    checked += 1
+        per_sequence = torch.full((3,), t)
+        batch = kernel.q_posterior_log_probs_mixture(x_t.expand(3, -1), x0_log_probs, per_sequence)
+        assert torch.equal(batch, kernel.q_posterior_log_probs_mixture(x_t, x0_log_probs, t).expand(3, -1, -1))
+    assert checked >= (T - 1) * (5 + data_states)  # masked x^t, and the sure unmasked ones
+
+
+def test_absorbing_marginal_draws_mask_at_rate_beta_tilde_and_keep_the_rest():
+    """x^t ~ q(x^t | x^0): the fraction of masked dimensions within 5 standard errors of
+    beta~_t at every t (one t, and one t per sequence), never masked at t = 0, always at T,
+    and an unmasked dimension keeps its x^0."""
+    from bdiff_pyro.diffusion.kernels import AbsorbingKernel
+    T, draws = 8, 20000
+    kernel = AbsorbingKernel(make_beta_tilde("cosine", T), 3)
+    torch.manual_seed(0)
+    x0 = torch.randint(0, 3, (draws, 4))
+    for t in range(T + 1):
+        for times in (t, torch.full((draws,), t)):
+            x_t = kernel.sample_marginal(x0, times)
+            masked = x_t == kernel.mask
+            assert torch.equal(x_t[~masked], x0[~masked])
+            rate = float(kernel.beta_tilde[t])
+            se = math.sqrt(rate * (1 - rate) / masked.numel())
+            assert abs(float(masked.double().mean()) - rate) <= 5 * se, (t, float(masked.double().mean()), rate)
+    mixed = torch.arange(draws) % (T + 1)
+    x_t = kernel.sample_marginal(x0, mixed)
+    assert not (x_t[mixed == 0] == kernel.mask).any() and (x_t[mixed == T] == kernel.mask).all()
