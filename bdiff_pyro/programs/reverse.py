@@ -130,9 +130,9 @@ class ReverseProcess(PyroModule):
         return self.kernel.num_states == 2
 
     # -- what the network reads and says --------------------------------------------------
-    def _net(self, x_t, t):
+    def _net(self, x_t, t, evidence=None):
         """The network's logits (..., n, K - 1) (state 0 fixed at 0) on x^t coded as
-        ``inputs`` says."""
+        ``inputs`` says (``evidence``: :meth:`_data_evidence` of x^t, if the caller has it)."""
         if self.inputs == "state":
             features = x_t.unsqueeze(-1) if self.binary else F.one_hot(x_t.long(), self.kernel.num_states)[..., 1:]
         elif self.binary:
@@ -140,7 +140,7 @@ class ReverseProcess(PyroModule):
             if self.inputs == "evidence":
                 features = torch.sigmoid(features)  # P(x^0_i = 1 | x^t_i)
         else:
-            evidence = self._data_evidence(x_t, t)
+            evidence = self._data_evidence(x_t, t) if evidence is None else evidence
             features = (evidence.softmax(-1) if self.inputs == "evidence" else evidence - evidence[..., :1])[..., 1:]
         return self.net(features, t)
 
@@ -222,9 +222,10 @@ class ReverseProcess(PyroModule):
             logits = self.x0_logits(x_t, t)
             return torch.stack([F.logsigmoid(-logits), F.logsigmoid(logits)], dim=-1)
         data_states = self.kernel.num_data_states
-        out = F.pad(self._net(x_t, t), (1, 0))[..., :data_states]
+        evidence = None if self.inputs == "state" else self._data_evidence(x_t, t)  # formed once, read twice
+        out = F.pad(self._net(x_t, t, evidence), (1, 0))[..., :data_states]
         if self.add_own_evidence:
-            out = out + self._data_evidence(x_t, t)  # Bayes' rule: the position's own evidence
+            out = out + evidence  # Bayes' rule: the position's own evidence
         data_log_probs = torch.log_softmax(out, dim=-1)
         return F.pad(data_log_probs, (0, self.kernel.num_states - data_states), value=-math.inf)
 

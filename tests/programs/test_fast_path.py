@@ -100,3 +100,22 @@ def test_log_evidence_inputs_are_the_log_likelihood_ratios():
     Qbar = process.kernel.log_Qbar[4]
     expected = torch.stack([Qbar[1, 0] - Qbar[0, 0], Qbar[1, 1] - Qbar[0, 1]]).view(1, 2, 1)
     assert torch.allclose(seen["features"], expected)
+
+
+@pytest.mark.parametrize("case", [("absorbing", 2, None), ("uniform", 3, None)], ids=["absorbing2", "uniform3"])
+def test_k_state_evidence_inputs_are_each_positions_posterior(case):
+    """K states, evidence inputs: the network reads P(x^0_i = v | x^t_i) = normalise_v Qbar_t[v, x^t_i]
+    over the data states v = 1.. (1/K_data each where no data state reaches x^t_i: a mask at T)."""
+    process = make_kernel_process(case, n=2, T=5, inputs="evidence")
+    kernel, data_states = process.kernel, process.kernel.num_data_states
+    x_t = all_states(2, kernel.num_states)
+    seen = []
+    process.net.forward = lambda features, t: seen.append(features) or torch.zeros(
+        *features.shape[:-1], kernel.num_states - 1, dtype=features.dtype)
+    for t in range(1, kernel.T + 1):
+        process.x0_log_probs(x_t, t)
+        Qbar = kernel.log_Qbar[t].exp()[:data_states]  # (v, state)
+        by_hand = Qbar[:, x_t.long()].permute(1, 2, 0)  # (S, n, v)
+        reached = by_hand.sum(-1, keepdim=True) > 0
+        expected = torch.where(reached, by_hand / by_hand.sum(-1, keepdim=True).clamp_min(1e-300), 1.0 / data_states)
+        assert torch.allclose(seen[-1], expected[..., 1:], rtol=1e-12, atol=1e-12), t
