@@ -119,3 +119,22 @@ def test_k_state_evidence_inputs_are_each_positions_posterior(case):
         reached = by_hand.sum(-1, keepdim=True) > 0
         expected = torch.where(reached, by_hand / by_hand.sum(-1, keepdim=True).clamp_min(1e-300), 1.0 / data_states)
         assert torch.allclose(seen[-1], expected[..., 1:], rtol=1e-12, atol=1e-12), t
+
+
+def test_log_softmax_over_states_is_the_log_softmax_of_the_last_dimension():
+    """Against the definition x_k - log sum_j exp(x_j) in float64, -inf entries included, and its
+    gradient against torch.log_softmax's."""
+    from bdiff_pyro.programs.reverse import log_softmax_over_states
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 3, dtype=torch.float64) * 5
+    logits[0, 0, 1] = -float("inf")
+    by_definition = logits - logits.exp().sum(-1, keepdim=True).log()
+    got = log_softmax_over_states(logits)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(by_definition))
+    finite = torch.isfinite(by_definition)
+    assert torch.allclose(got[finite], by_definition[finite], rtol=0, atol=1e-13)
+    weights = torch.randn(4, 5, 3, dtype=torch.float64)
+    grads = [torch.autograd.grad((torch.where(finite, f(x), 0.0) * weights).sum(), x)[0]
+             for f, x in ((log_softmax_over_states, logits.clone().requires_grad_()),
+                          (lambda x: torch.log_softmax(x, -1), logits.clone().requires_grad_()))]
+    assert torch.allclose(grads[0], grads[1], rtol=0, atol=1e-13)
