@@ -144,6 +144,7 @@ class TrainConfig:
     t_sampling: str = "uniform"  # uniform | importance (r(t) ∝ sqrt(E L_t^2), unbiased)
     ema: float = 0.0  # decay of the weight average used for evaluation and samples (0: off)
     weight_decay: float = 0.0  # L2 penalty on the weights, added to the gradient (pyro.optim.ClippedAdam)
+    decoupled_weight_decay: float = 0.0  # AdamW-style: every step w <- (1 - lr_k * this) w (train.ClippedAdamW)
 
     def validate(self, where):
         for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_samples", "eval_sequences"):
@@ -151,8 +152,13 @@ class TrainConfig:
         _choice(where, "train.t_sampling", self.t_sampling, ("uniform", "importance"))
         if not 0.0 <= self.ema < 1.0:
             raise UserError(f"{where('train.ema')}: train.ema must be in [0, 1) (got {self.ema})")
-        if self.weight_decay < 0:
-            raise UserError(f"{where('train.weight_decay')}: train.weight_decay must be >= 0 (got {self.weight_decay})")
+        for key in ("weight_decay", "decoupled_weight_decay"):
+            if getattr(self, key) < 0:
+                raise UserError(f"{where('train.' + key)}: train.{key} must be >= 0 (got {getattr(self, key)})")
+        if self.decoupled_weight_decay * self.lr >= 1:
+            raise UserError(f"{where('train.decoupled_weight_decay', 'train.lr')}: train.decoupled_weight_decay x "
+                            f"train.lr must be < 1, or every step would flip or zero the weights "
+                            f"(got {self.decoupled_weight_decay} x {self.lr})")
         for key in ("lr", "lr_final", "clip_norm"):
             if getattr(self, key) <= 0:
                 raise UserError(f"{where('train.' + key)}: train.{key} must be > 0 (got {getattr(self, key)})")

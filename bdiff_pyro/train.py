@@ -24,6 +24,7 @@ import pyro
 import pyro.optim
 import torch
 from pyro.infer import SVI
+from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
 from bdiff_pyro import plots, registry
@@ -137,6 +138,44 @@ class WeightAverage:
                     p.copy_(raw[name])
 
 
+class ClippedAdamW(ClippedAdam):
+    """Pyro's ClippedAdam with decoupled weight decay (AdamW, Loshchilov & Hutter 2019): at
+    every step, before ClippedAdam's update,
+
+        w <- (1 - lr_k * decoupled_weight_decay) w,      lr_k = lr * lrd^k  (this step's rate),
+
+    so every weight shrinks at the same rate whatever its gradient scale, unlike ClippedAdam's
+    ``weight_decay``, which Adam divides by the gradient's running RMS.  With lrd = 1 and no
+    clipping it is torch.optim.AdamW."""
+
+    def __init__(self, params, decoupled_weight_decay=0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.defaults["decoupled_weight_decay"] = decoupled_weight_decay
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = decoupled_weight_decay
+
+    def step(self, closure=None):
+        with torch.no_grad():
+            for group in self.param_groups:
+                rate = group["lr"] * group["lrd"]  # the rate of this step: ClippedAdam decays lr before using it
+                shrink = 1.0 - rate * group["decoupled_weight_decay"]
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.mul_(shrink)
+        return super().step(closure)
+
+
+def make_optimiser(train):
+    """The Pyro optimiser a config's ``train`` section describes: ClippedAdam whose learning
+    rate decays exponentially from lr to lr_final over the run, lrd = (lr_final / lr)^(1/steps),
+    and ClippedAdamW when train.decoupled_weight_decay > 0."""
+    args = {"lr": train.lr, "clip_norm": train.clip_norm, "weight_decay": train.weight_decay,
+            "lrd": (train.lr_final / train.lr) ** (1.0 / train.steps)}
+    if train.decoupled_weight_decay > 0:
+        return pyro.optim.PyroOptim(ClippedAdamW, {**args, "decoupled_weight_decay": train.decoupled_weight_decay})
+    return pyro.optim.ClippedAdam(args)
+
+
 @dataclass
 class TrainingState:
     step: int = 0
@@ -196,7 +235,8 @@ def resolve_config(config: Config, dataset: Dataset) -> Config:
 # rate schedule), the weight average and the seed (the random stream continues from the
 # checkpoint).  ``train.steps`` may grow or shrink: the learning rate then decays from its
 # current value to lr_final at the new last step.
-FIXED_ON_RESUME = ("train.lr", "train.lr_final", "train.clip_norm", "train.weight_decay", "train.ema", "seed")
+FIXED_ON_RESUME = ("train.lr", "train.lr_final", "train.clip_norm", "train.weight_decay",
+                   "train.decoupled_weight_decay", "train.ema", "seed")
 
 
 def _check_resumable(config, saved, where):
@@ -312,12 +352,7 @@ def run_training(setup, run_dir, progress=True, log=print, world=World()):
     pyro.set_rng_seed(config.seed)  # before the network is initialised
     spec = model_spec(config, dataset.n)
     process = ReverseProcess.from_spec(spec).to(device)
-    optim = pyro.optim.ClippedAdam({
-        "lr": config.train.lr,
-        "clip_norm": config.train.clip_norm,
-        "weight_decay": config.train.weight_decay,
-        "lrd": (config.train.lr_final / config.train.lr) ** (1.0 / config.train.steps),
-    })
+    optim = make_optimiser(config.train)
     if world.distributed:
         optim = GradientAveraging(optim, world)
     state = TrainingState()

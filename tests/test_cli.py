@@ -153,12 +153,14 @@ def test_interrupt_then_resume(tmp_path):
 
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.9])
-def test_resumed_run_continues_exactly_where_it_stopped(tmp_path, monkeypatch, ema):
+@pytest.mark.parametrize("ema, decoupled_weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.0, 0.5)])
+def test_resumed_run_continues_exactly_where_it_stopped(tmp_path, monkeypatch, ema, decoupled_weight_decay):
     """30 steps straight give the same weights as 15 steps, an interrupt, and a resume
-    (with a weight average: the same average and the same raw weights)."""
+    (with a weight average: the same average and the same raw weights; with decoupled weight
+    decay: the optimiser's saved state carries it)."""
     overrides = [o for o in TINY if "=" in o] + ["train.checkpoint_every=100", "train.eval_every=10",
-                                                 "train.steps=30", f"train.ema={ema}"]
+                                                 "train.steps=30", f"train.ema={ema}",
+                                                 f"train.decoupled_weight_decay={decoupled_weight_decay}"]
     config_path = ROOT / "experiments/configs/heartbeat.yaml"
     quiet = dict(progress=False, log=lambda *_: None)
     straight, split = tmp_path / "straight", tmp_path / "split"

@@ -122,6 +122,8 @@ def test_resume_refuses_a_changed_optimiser_setting_and_records_nothing(tiny_run
                     "train.lr")
     assert_one_line(bdiff("train", "--resume", tiny_run, *sets("train.steps=30", "train.clip_norm=1")),
                     "train.clip_norm")
+    assert_one_line(bdiff("train", "--resume", tiny_run, *sets("train.steps=30", "train.decoupled_weight_decay=0.1")),
+                    "train.decoupled_weight_decay")
     assert (tiny_run / "config.yaml").read_text() == before
 
 
