@@ -136,7 +136,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 2e-3
     lr_final: float = 2e-4  # exponential decay from lr to lr_final over the run
-    clip_norm: float = 10.0  # per-parameter-tensor gradient clipping (pyro.optim.ClippedAdam)
+    clip_norm: float = 10.0  # each gradient element clamped to [-clip_norm, clip_norm] (pyro.optim.ClippedAdam)
     eval_every: int = 200  # held-out bound, sample proportions and a GIF frame
     checkpoint_every: int = 200
     eval_samples: int = 1000  # samples drawn at each evaluation during training

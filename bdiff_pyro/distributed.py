@@ -150,7 +150,7 @@ class GradientAveraging(PyroOptim):
     """A PyroOptim whose gradients are averaged over the processes before the wrapped optimiser
     steps, in the spirit of ``pyro.optim.HorovodOptimizer``, with torch.distributed.
 
-    Averaging comes before the optimiser, so ClippedAdam clips (per parameter tensor) the
+    Averaging comes before the optimiser, so ClippedAdam clamps (element by element) the
     averaged gradient, as one process with the global batch does.  The state is the wrapped
     optimiser's (get_state / set_state), so checkpoints do not depend on the process count.
     """
