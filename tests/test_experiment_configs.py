@@ -60,9 +60,12 @@ def test_conv1d_configs_change_only_the_network_and_its_budget(mlp_name, conv_na
     assert (mlp.model.network, conv.model.network, conv.model.padding) == ("mlp", "conv1d", "circular")
 
 
-def test_the_digits_conv2d_config_changes_only_the_network_and_t():
+def test_the_digits_conv2d_config_changes_the_network_t_and_its_regularisation_only():
     mlp, conv = (load_config(CONFIGS[0].parent / name) for name in ("digits.yaml", "digits_conv2d.yaml"))
     assert mlp.data == conv.data
     for key in ("schedule", "pi_1", "parameterisation", "inputs", "kernel"):
         assert getattr(mlp.model, key) == getattr(conv.model, key), key
     assert (conv.model.network, conv.model.padding, list(conv.model.image_shape)) == ("conv2d", "zeros", [8, 8])
+    # what docs/networks.md measured on top of the network: importance-sampled t and dropout
+    assert (conv.train.t_sampling, conv.model.dropout) == ("importance", 0.1)
+    assert (mlp.train.t_sampling, mlp.model.dropout) == ("uniform", 0.0)

@@ -31,16 +31,18 @@ def make_activation(name):
 
 
 class ResidualBlock(nn.Module):
-    """h + conv(act(norm(conv(act(norm(h))) (+) time))): a pre-activation residual block
+    """h + conv(drop(act(norm(conv(act(norm(h))) (+) time)))): a pre-activation residual block
     (He et al. 2016) whose middle is conditioned on the time code, either additively
     (a + W tau(t), as in DDPM) or by FiLM, a = (1 + gamma(t)) * norm(a) + beta(t), with gamma
-    and beta starting at zero.  ``make_conv`` builds one channels -> channels convolution."""
+    and beta starting at zero; ``dropout`` zeroes units before the second convolution while
+    training (as DDPM's blocks do).  ``make_conv`` builds one channels -> channels convolution."""
 
-    def __init__(self, make_conv, channels, time_embedding, activation, film):
+    def __init__(self, make_conv, channels, time_embedding, activation, film, dropout=0.0):
         super().__init__()
         self.norm_in, self.conv_in = group_norm(channels), make_conv()
         self.norm_mid, self.conv_out = group_norm(channels), make_conv()
         self.act = make_activation(activation)
+        self.dropout = nn.Dropout(dropout)
         self.film = film
         self.time = nn.Linear(time_embedding, 2 * channels if film else channels)
         if film:
@@ -57,7 +59,7 @@ class ResidualBlock(nn.Module):
             a = torch.addcmul(a + shift, a, scale)
         else:
             a = self.norm_mid(a + code)
-        return h + self.conv_out(self.act(a))
+        return h + self.conv_out(self.dropout(self.act(a)))
 
 
 PADDINGS = ("circular", "zeros")
@@ -78,14 +80,16 @@ class ResidualConvNet(nn.Module):
 
     A kernel-size-``kernel_size`` convolution lifts the features to ``channels``, ``blocks``
     residual blocks (``ResidualBlock``: group normalisation, time conditioning added or by
-    FiLM) follow, and a normalised 1 x 1 convolution reads the logits of states 1..K-1
-    against state 0 at every position.  Its size does not depend on n or T.
+    FiLM; ``dropout`` inside each while training) follow, and a normalised 1 x 1 convolution
+    reads the logits of states 1..K-1 against state 0 at every position.  Its size does not
+    depend on n or T.
     """
 
     convolution = None
 
     def __init__(self, n: int, num_states: int, channels: int, blocks: int, kernel_size: int, padding: str,
-                 activation: str, time_embedding: int, num_features: Union[int, None], film: bool):
+                 activation: str, time_embedding: int, num_features: Union[int, None], film: bool,
+                 dropout: float = 0.0):
         super().__init__()
         check_structure(kernel_size, padding)
         self.n, self.num_states, self.time_embedding = n, num_states, time_embedding
@@ -96,7 +100,7 @@ class ResidualConvNet(nn.Module):
 
         self.lift = conv(self.num_features, channels)
         self.blocks = nn.ModuleList(ResidualBlock(lambda: conv(channels, channels), channels, time_embedding,
-                                                  activation, film) for _ in range(blocks))
+                                                  activation, film, dropout) for _ in range(blocks))
         self.norm_out, self.act = group_norm(channels), make_activation(activation)
         self.out = self.convolution(channels, num_states - 1, 1)
 

@@ -21,9 +21,10 @@ class Conv1dNet(ResidualConvNet):
 
     def __init__(self, n: int, num_states: int, channels: int = 64, blocks: int = 2, kernel_size: int = 5,
                  padding: str = "circular", activation: str = "silu", time_embedding: int = 32,
-                 num_features: Union[int, None] = None, film: bool = False):
+                 num_features: Union[int, None] = None, film: bool = False,
+                 dropout: float = 0.0):
         super().__init__(n, num_states, channels, blocks, kernel_size, padding, activation, time_embedding,
-                         num_features, film)
+                         num_features, film, dropout)
 
     def to_grid(self, features: torch.Tensor) -> torch.Tensor:
         return features.transpose(-1, -2)  # (B, num_features, n)

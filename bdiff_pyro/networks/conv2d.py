@@ -35,10 +35,11 @@ class Conv2dNet(ResidualConvNet):
 
     def __init__(self, n: int, num_states: int, channels: int = 64, blocks: int = 2, kernel_size: int = 3,
                  padding: str = "zeros", image_shape: Union[Sequence[int], None] = None, activation: str = "silu",
-                 time_embedding: int = 32, num_features: Union[int, None] = None, film: bool = False):
+                 time_embedding: int = 32, num_features: Union[int, None] = None, film: bool = False,
+                 dropout: float = 0.0):
         shape = image_shape_for(n, image_shape)  # refused before any layer is built
         super().__init__(n, num_states, channels, blocks, kernel_size, padding, activation, time_embedding,
-                         num_features, film)
+                         num_features, film, dropout)
         self.image_shape = shape
 
     def to_grid(self, features: torch.Tensor) -> torch.Tensor:

@@ -22,14 +22,15 @@ class TransformerNet(nn.Module):
     Every position's features are embedded linearly into ``channels`` numbers, to which the
     position code and a linear map of the time code tau(t) are added; ``blocks``
     pre-normalised encoder layers with ``heads`` attention heads (feed-forward width
-    2 x channels, no dropout) follow, then a layer norm and a linear read-out of the logits of
-    states 1..K-1 against state 0.  With ``film`` the time also scales and shifts the
+    2 x channels; torch's ``dropout`` on the attention weights and in the residual branches
+    while training) follow, then a layer norm and a linear read-out of the logits of states
+    1..K-1 against state 0.  With ``film`` the time also scales and shifts the
     normalised tokens before the read-out: (1 + gamma(t)) * h + beta(t), starting at zero.
     """
 
     def __init__(self, n: int, num_states: int, channels: int = 64, blocks: int = 2, heads: int = 4,
                  position_code: str = "learned", activation: str = "silu", time_embedding: int = 32,
-                 num_features: Union[int, None] = None, film: bool = False):
+                 num_features: Union[int, None] = None, film: bool = False, dropout: float = 0.0):
         super().__init__()
         if position_code not in POSITION_CODES:
             raise ValueError(f"position_code must be one of {POSITION_CODES} (got {position_code!r})")
@@ -46,7 +47,7 @@ class TransformerNet(nn.Module):
             self.register_buffer("positions", sinusoidal_embedding(torch.arange(n), channels).float())
         else:
             self.positions = None
-        layer = nn.TransformerEncoderLayer(channels, heads, dim_feedforward=2 * channels, dropout=0.0,
+        layer = nn.TransformerEncoderLayer(channels, heads, dim_feedforward=2 * channels, dropout=dropout,
                                            activation=make_activation(activation), batch_first=True,
                                            norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)

@@ -169,3 +169,16 @@ def test_evaluation_and_batched_sampling_run_on_every_network(name):
     assert report["distinct_scored"] == 16 and report["elbo_bits"] < 0
     batched = sample_in_batches(process, 10, seed=3, batch=4)
     assert torch.equal(batched[:4], process.sample(4, seed=3))
+
+
+@pytest.mark.parametrize("name", [name for name in NETWORKS if name != "mlp"])
+def test_dropout_acts_only_while_training(name):
+    """model.dropout reaches every network but the plain MLP: two training-mode calls differ,
+    evaluation-mode calls and dropout 0 do not."""
+    x = (torch.rand(8, 16) < 0.4).double()
+    dropped = make_network_process(name, n=16, T=5, dropout=0.5).train()
+    assert not torch.equal(net_output(dropped, x, 3), net_output(dropped, x, 3))
+    dropped.eval()
+    assert torch.equal(net_output(dropped, x, 3), net_output(dropped, x, 3))
+    kept = make_network_process(name, n=16, T=5, dropout=0.0).train()
+    assert torch.equal(net_output(kept, x, 3), net_output(kept, x, 3))
