@@ -201,8 +201,9 @@ class Config:
             raise UserError(f"{where('model.kernel', 'data.levels')}: model.kernel bernoulli needs data.levels = 2 "
                             f"(got {self.data.levels}); use one of {others}")
         if self.train.x0_loss_weight > 0 and self.model.parameterisation != "x0":
-            raise UserError(f"{where('train.x0_loss_weight', 'model.parameterisation')}: train.x0_loss_weight needs "
-                            f"model.parameterisation x0, whose network predicts x^0 (got {self.model.parameterisation})")
+            raise UserError(f"{where('train.x0_loss_weight', 'model.parameterisation')}: train.x0_loss_weight "
+                            "needs model.parameterisation x0, whose network predicts x^0 "
+                            f"(got {self.model.parameterisation})")
 
 
     def to_dict(self):
