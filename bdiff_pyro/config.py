@@ -145,6 +145,8 @@ class TrainConfig:
     ema: float = 0.0  # decay of the weight average used for evaluation and samples (0: off)
     weight_decay: float = 0.0  # L2 penalty on the weights, added to the gradient (pyro.optim.ClippedAdam)
     decoupled_weight_decay: float = 0.0  # AdamW-style: every step w <- (1 - lr_k * this) w (train.ClippedAdamW)
+    # lambda of the hybrid loss -ELBO + lambda E_t[-log p(x^0 | x^t)] (x0 parameterisation only)
+    x0_loss_weight: float = 0.0
 
     def validate(self, where):
         for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_samples", "eval_sequences"):
@@ -152,7 +154,7 @@ class TrainConfig:
         _choice(where, "train.t_sampling", self.t_sampling, ("uniform", "importance"))
         if not 0.0 <= self.ema < 1.0:
             raise UserError(f"{where('train.ema')}: train.ema must be in [0, 1) (got {self.ema})")
-        for key in ("weight_decay", "decoupled_weight_decay"):
+        for key in ("weight_decay", "decoupled_weight_decay", "x0_loss_weight"):
             if getattr(self, key) < 0:
                 raise UserError(f"{where('train.' + key)}: train.{key} must be >= 0 (got {getattr(self, key)})")
         if self.decoupled_weight_decay * self.lr >= 1:
@@ -203,6 +205,10 @@ class Config:
             others = ", ".join(name for name in registry.KERNELS if name != "bernoulli")
             raise UserError(f"{where('model.kernel', 'data.levels')}: model.kernel bernoulli needs data.levels = 2 "
                             f"(got {self.data.levels}); use one of {others}")
+        if self.train.x0_loss_weight > 0 and self.model.parameterisation != "x0":
+            raise UserError(f"{where('train.x0_loss_weight', 'model.parameterisation')}: train.x0_loss_weight "
+                            "needs model.parameterisation x0, whose network predicts x^0 "
+                            f"(got {self.model.parameterisation})")
 
 
     def to_dict(self):

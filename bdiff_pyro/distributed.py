@@ -72,14 +72,16 @@ class World:
         for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             tensor.copy_(part.view_as(tensor))
 
-    def agree(self, loss, stop):
-        """(the loss averaged over the processes, whether any process asks to stop): one small
-        all-reduce per step, so that every process stops at the same step."""
-        if not self.distributed:
-            return loss, stop
-        both = torch.tensor([loss, float(stop)], dtype=torch.float64, device=self.collective_device)
-        dist.all_reduce(both, op=dist.ReduceOp.SUM)
-        return float(both[0]) / self.size, bool(both[1] > 0)
+    def agree(self, losses, stop):
+        """(each of ``losses`` averaged over the processes, whether any process asks to stop): one
+        small all-reduce per step, so that every process stops at the same step.  ``losses`` is a
+        float or a tuple of floats, and comes back in the same form."""
+        values = (losses,) if isinstance(losses, float) else tuple(losses)
+        if self.distributed:
+            both = torch.tensor([*values, float(stop)], dtype=torch.float64, device=self.collective_device)
+            dist.all_reduce(both, op=dist.ReduceOp.SUM)
+            values, stop = tuple(float(v) / self.size for v in both[:-1]), bool(both[-1] > 0)
+        return (values[0] if isinstance(losses, float) else values), stop
 
     @property
     def collective_device(self):

@@ -31,7 +31,12 @@ from bdiff_pyro import plots, registry
 from bdiff_pyro.checkpoints import BEST_NAME, CHECKPOINT_NAME, FORMAT, read_checkpoint, save_atomically
 from bdiff_pyro.config import Config, check_batch_divides, config_text, model_spec, save_config
 from bdiff_pyro.data import Dataset, load_dataset
-from bdiff_pyro.diffusion.bound import first_stochastic_step, negative_elbo_estimate, uniform_step_proposal
+from bdiff_pyro.diffusion.bound import (
+    first_stochastic_step,
+    negative_elbo_estimate,
+    uniform_step_proposal,
+    x0_loss_estimate,
+)
 from bdiff_pyro.distributed import GradientAveraging, World, resolve_device
 from bdiff_pyro.errors import TrainingStopped, TrainingWarning, UserError
 from bdiff_pyro.evaluation import (
@@ -59,13 +64,20 @@ class AnalyticLoss:
     term (Nichol & Dhariwal 2021), mixed with 10% uniform so that r > 0 everywhere and the
     estimate stays unbiased; uniform until every step has been seen.
 
+    With ``x0_loss_weight`` = lambda > 0, the hybrid loss -ELBO + lambda E_t[-log p(x^0 | x^t)]
+    (Austin et al. 2021; ``bound.x0_loss_estimate``, with t ~ U(1..T) and x^t drawn apart from
+    the ELBO's).  ``negative_elbo`` keeps the last minibatch's -ELBO part, which is what
+    training reports.
+
     On several processes (``world``), x0 is the global minibatch: every process draws t and
     x^t for all of it and scores its own rows, and the history is updated from the sums over
     the whole minibatch, so that it is the same on every process.
     """
 
-    def __init__(self, T, importance=False, decay=0.9, world=World()):
+    def __init__(self, T, importance=False, decay=0.9, world=World(), x0_loss_weight=0.0):
         self.importance, self.decay, self.world = importance, decay, world
+        self.x0_loss_weight = x0_loss_weight
+        self.negative_elbo = math.nan
         self.mean_square = torch.zeros(T + 1, dtype=torch.float64)
         self.seen = torch.zeros(T + 1, dtype=torch.bool)
 
@@ -81,7 +93,12 @@ class AnalyticLoss:
                                                      self.step_proposal(model.kernel), self.world.rows(len(x0)))
         if self.importance:
             self._remember(t.cpu(), terms.detach().double().cpu())
-        return estimates.mean()
+        negative_elbo = estimates.mean()
+        self.negative_elbo = negative_elbo.item()
+        if self.x0_loss_weight == 0:
+            return negative_elbo
+        rows = self.world.rows(len(x0))
+        return negative_elbo + self.x0_loss_weight * x0_loss_estimate(model.kernel, model.x0_log_probs, x0, rows).mean()
 
     def _remember(self, t, terms):
         """Exponential moving average of L_t^2 for every step t in the (global) minibatch."""
@@ -236,7 +253,7 @@ def resolve_config(config: Config, dataset: Dataset) -> Config:
 # checkpoint).  ``train.steps`` may grow or shrink: the learning rate then decays from its
 # current value to lr_final at the new last step.
 FIXED_ON_RESUME = ("train.lr", "train.lr_final", "train.clip_norm", "train.weight_decay",
-                   "train.decoupled_weight_decay", "train.ema", "seed")
+                   "train.decoupled_weight_decay", "train.ema", "train.x0_loss_weight", "seed")
 
 
 def _check_resumable(config, saved, where):
@@ -376,7 +393,8 @@ def run_training(setup, run_dir, progress=True, log=print, world=World()):
         log(f"resuming {run_dir} at step {state.step}")
 
     train_x = dataset.train.to(device)
-    loss = AnalyticLoss(process.T, importance=config.train.t_sampling == "importance", world=world)
+    loss = AnalyticLoss(process.T, importance=config.train.t_sampling == "importance", world=world,
+                        x0_loss_weight=config.train.x0_loss_weight)
     if payload is not None and "loss_state" in payload:
         loss.load_state_dict(payload["loss_state"])
     svi = SVI(process, partial(forward_chain, process.kernel), optim, loss=loss)
@@ -456,7 +474,8 @@ def run_training(setup, run_dir, progress=True, log=print, world=World()):
                     raise
                 raise UserError(f"out of memory at training step {state.step + 1}; lower train.batch_size, "
                                 "model.hidden or model.T") from None
-            value, interrupted = world.agree(value, interrupt.raised)  # every process stops at the same step
+            # every process stops at the same step
+            (value, negative_elbo), interrupted = world.agree((value, loss.negative_elbo), interrupt.raised)
             state.step += 1
             if not math.isfinite(value):
                 raise diverged(f"loss {value}")
@@ -465,7 +484,7 @@ def run_training(setup, run_dir, progress=True, log=print, world=World()):
                 raise diverged(problem)
             if average is not None:
                 average.update(process, state.step - 1)
-            losses.append(value / LN2)
+            losses.append(negative_elbo / LN2)
             bar.update(1)
             last = state.step == config.train.steps
             evaluating = state.step % config.train.eval_every == 0 or last

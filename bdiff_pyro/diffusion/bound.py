@@ -206,6 +206,28 @@ def negative_elbo_estimate(kernel: DiscreteKernel, reverse_log_probs: ReverseLog
     return losses / probs[t] + closed_form_loss(kernel, x0), t, losses
 
 
+def x0_cross_entropy(x0_log_probs: Tensor, x0: Tensor) -> Tensor:
+    """-sum_i log p(x^0_i | x^t) per sequence, from the predicted log P(x^0_i = v | x^t), (..., n, K).
+
+    The auxiliary term of the hybrid loss (Austin et al. 2021).  Its expectation over
+    x^0 ~ data, x^t ~ q(x^t | x^0) is smallest at the posterior marginals P(x^0_i | x^t), which
+    is also where the through-x^0 step is the best factorised step (docs/math.md §3), so it does
+    not move the ELBO's optimum; it gives every t a gradient of the same scale, where the ELBO
+    weighs step t by how much x^0 still changes it.
+    """
+    return -log_prob_of(x0_log_probs, x0).sum(-1)
+
+
+def x0_loss_estimate(kernel: DiscreteKernel, x0_log_probs: ReverseLogProbs, x0: Tensor,
+                     rows: slice = slice(None)) -> Tensor:
+    """One-sample estimate of E_{t ~ U(1..T)} E_{x^t ~ q(x^t | x^0)} [-log p(x^0 | x^t)] per
+    sequence (:func:`x0_cross_entropy`), with its own t and x^t.  Like
+    :func:`negative_elbo_estimate`, t and x^t are drawn for every row and ``x0[rows]`` is scored."""
+    t = torch.randint(1, kernel.T + 1, (x0.shape[0],), device=x0.device)
+    x_t = sample_x_t(kernel, x0, t)
+    return x0_cross_entropy(x0_log_probs(x_t[rows], t[rows]), x0[rows])
+
+
 def elbo_replicates(kernel: DiscreteKernel, reverse_log_probs: ReverseLogProbs, x0: Tensor, replicates: int = 4,
                     max_rows: int = 65536) -> Tensor:
     """Independent unbiased estimates of ELBO(x^0), shape (N, replicates), in nats.
