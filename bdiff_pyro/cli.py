@@ -373,6 +373,20 @@ def cmd_oracle(args):
         more = " ..." if len(drawn["pattern_fractions"]) > 10 else ""
         print(f"of {drawn['num']} oracle samples (seed {drawn['seed']}): {drawn['in_support']:.2%} in the support; "
               f"pattern fractions {shown}{more}")
+    if args.gap is not None:
+        from bdiff_pyro.checkpoints import load
+        from bdiff_pyro.evaluation import oracle_gap_report
+
+        try:
+            gap = oracle_gap_report(config, load(args.gap), draws=args.gap_draws,
+                                    seed=config.seed if args.seed is None else args.seed, progress=not args.quiet)
+        except UserError as error:
+            raise UserError(f"--gap {args.gap}: {error}") from None
+        steps = ", ".join(f"{part['first']}-{part['last']} {part['gap_bits']:.4f}" for part in gap["by_steps"])
+        print(f"{args.gap} falls short of the oracle by {gap['gap_bits']:.4f} ± {gap['se_bits']:.4f} bits/seq "
+              f"(sum over t of the KL from the oracle's step, {gap['draws']} draws per t), so its ELBO is "
+              f"{report['elbo_bits'] - gap['gap_bits']:.4f}; by steps: {steps}")
+        report["gap_to_run"] = gap
     if args.json:
         print(json.dumps(report, default=str, allow_nan=False))
 
@@ -494,6 +508,10 @@ def build_parser():
     p.add_argument("--monte-carlo", action="store_true", help="estimate by Monte Carlo even where exact is possible")
     p.add_argument("--samples", type=at_least(0), default=0, metavar="N",
                    help="also draw N samples from the oracle: the best fraction of exact samples at this T")
+    p.add_argument("--gap", metavar="RUN_DIR", help="also how far a run trained on this config falls short of the "
+                                                    "oracle at each step (its ELBO, with little noise)")
+    p.add_argument("--gap-draws", type=at_least(2), default=500, metavar="N",
+                   help="x^0 and x^t drawn per step for --gap (default: 500)")
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_oracle)

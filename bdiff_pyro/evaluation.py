@@ -8,7 +8,8 @@ from tqdm.auto import tqdm
 
 from bdiff_pyro.config import model_spec
 from bdiff_pyro.diffusion.bound import elbo_replicates, first_stochastic_step, papers_K_fields
-from bdiff_pyro.diffusion.oracle import OracleReverse, oracle_report
+from bdiff_pyro.diffusion.oracle import OracleReverse, oracle_report, step_gaps
+from bdiff_pyro.errors import UserError
 from bdiff_pyro.memory import network_widths, rows_per_chunk
 from bdiff_pyro.programs.reverse import kernel_from_spec
 from bdiff_pyro.programs.sampling import ancestral_sample
@@ -175,15 +176,10 @@ def oracle_samples_report(oracle, num, seed, progress=False):
     return {"num": num, "seed": seed, "in_support": sum(fractions), "pattern_fractions": fractions}
 
 
-def oracle_for_config(config, replicates=None, seed=None, exact="auto", samples=0, progress=False):
-    """The oracle report for a validated ``config.Config`` (what ``bdiff oracle CONFIG`` prints).
-
-    The support is the data set's known support (heartbeat: its shifts, equally likely); for
-    data files it is the empirical distribution of the training sequences (distinct rows weighted
-    by their counts), i.e. the oracle of the training set.  pi_1 = "data" is resolved as in
-    training.  With ``samples`` > 0, also :func:`oracle_samples_report` of that many samples.
-    ``progress``: bars for the Monte Carlo bound and the samples.
-    """
+def _oracle_support(config):
+    """(resolved config, float64 kernel, patterns, weights) of the oracle of ``config``'s data:
+    the data set's known support, equally likely, or the training set's distinct rows weighted by
+    their counts."""
     from bdiff_pyro.data import load_dataset
     from bdiff_pyro.train import resolve_config
 
@@ -193,14 +189,45 @@ def oracle_for_config(config, replicates=None, seed=None, exact="auto", samples=
         patterns, weights = dataset.support, None
     else:
         patterns, weights = torch.unique(dataset.train, dim=0, return_counts=True)
-    kernel = kernel_from_spec(model_spec(config, dataset.n)).double()
+    return config, kernel_from_spec(model_spec(config, dataset.n)).double(), patterns, weights
+
+
+def oracle_gap_report(config, process, draws=500, seed=0, progress=False):
+    """How far the trained ``process`` falls short of the oracle of ``config``'s data, step by
+    step (``oracle.step_gaps``), in bits per sequence: the total sum_t G_t = K* - K with its
+    standard error, and the total over each tenth of the steps.  The run's ELBO is the oracle's
+    (``oracle_for_config``) minus the total."""
+    config, kernel, patterns, weights = _oracle_support(config)
+    theirs = process.kernel.log_Qbar.double().cpu()
+    if theirs.shape != kernel.log_Qbar.shape or not torch.allclose(theirs, kernel.log_Qbar):
+        raise UserError("the run's kernel, T or schedule differ from the config's; compare a run with its own config")
+    oracle = OracleReverse(kernel, patterns, weights)
+    dtype = next(process.parameters()).dtype
+    gaps, ses = step_gaps(oracle, lambda x_t, t: process.log_probs(x_t.to(dtype), t), draws, seed, progress)
+    total, se = float(gaps.sum()) / LN2, float(ses.square().sum().sqrt()) / LN2
+    edges = [round(kernel.T * k / 10) for k in range(11)]
+    return {"T": kernel.T, "draws": draws, "seed": seed, "gap_bits": total, "se_bits": se,
+            "by_steps": [{"first": lo + 1, "last": hi, "gap_bits": float(gaps[lo:hi].sum()) / LN2}
+                         for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]}
+
+
+def oracle_for_config(config, replicates=None, seed=None, exact="auto", samples=0, progress=False):
+    """The oracle report for a validated ``config.Config`` (what ``bdiff oracle CONFIG`` prints).
+
+    The support is the data set's known support (heartbeat: its shifts, equally likely); for
+    data files it is the empirical distribution of the training sequences (distinct rows weighted
+    by their counts), i.e. the oracle of the training set.  pi_1 = "data" is resolved as in
+    training.  With ``samples`` > 0, also :func:`oracle_samples_report` of that many samples.
+    ``progress``: bars for the Monte Carlo bound and the samples.
+    """
+    config, kernel, patterns, weights = _oracle_support(config)
     report = oracle_report(kernel, patterns, weights,
                            replicates=config.evaluate.replicates if replicates is None else replicates,
                            seed=config.seed if seed is None else seed, exact=exact,
                            schedule=config.model.schedule,
                            power=config.model.schedule_power if config.model.schedule == "power" else None,
                            progress=progress)
-    report["support"] = "known" if dataset.support is not None else "empirical (training set)"
+    report["support"] = "known" if weights is None else "empirical (training set)"
     if samples > 0:
         seed = config.seed if seed is None else seed
         report["samples"] = oracle_samples_report(OracleReverse(kernel, patterns, weights), samples, seed,

@@ -199,6 +199,18 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
 
 
+def test_oracle_command_measures_a_runs_gap(tiny_run):
+    out, _ = tiny_run
+    result = bdiff("oracle", "experiments/configs/heartbeat.yaml", "--set", "model.T=6", "--gap", out,
+                   "--gap-draws", 50, "--quiet", "--json")
+    assert result.returncode == 0, result.stderr
+    oracle_line, gap_line, report = result.stdout.strip().splitlines()
+    gap = json.loads(report)["gap_to_run"]
+    assert gap["gap_bits"] > 0 and [part["first"] for part in gap["by_steps"]] == [1, 2, 3, 4, 5, 6]
+    assert f"falls short of the oracle by {gap['gap_bits']:.4f}" in gap_line
+    assert_one_line(bdiff("oracle", "experiments/configs/heartbeat.yaml", "--gap", out), f"--gap {out}", "T")
+
+
 def test_oracle_command_with_samples():
     result = bdiff("oracle", "experiments/configs/heartbeat.yaml", "--set", "model.T=20", "--samples", 300)
     assert result.returncode == 0, result.stderr

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from helpers import KERNEL_CASES, make_kernel_process
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
@@ -25,6 +26,7 @@ from bdiff_pyro.diffusion.oracle import (
     oracle_bound,
     oracle_elbo_exact,
     oracle_report,
+    step_gaps,
 )
 from bdiff_pyro.diffusion.schedules import make_beta_tilde
 from bdiff_pyro.evaluation import oracle_for_config, oracle_samples_report
@@ -345,3 +347,30 @@ def test_oracle_samples_match_the_exact_distribution_of_x0():
     assert abs(report["in_support"] - total) <= 4 * math.sqrt(total * (1 - total) / num)
     assert total < 0.999  # T = 4 leaves room for samples off the support: the check can fail
 
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=[c[0] + str(c[1]) for c in KERNEL_CASES])
+def test_the_step_gaps_add_up_to_the_oracle_bound_minus_the_models(case):
+    """sum_t G_t = K* - K, both bounds computed exactly over every state, for closed-form and
+    learned edge steps alike."""
+    process = make_kernel_process(case, n=2, T=3, inputs="evidence")
+    top = case[1] - 1
+    patterns = torch.tensor([[0, top], [top, top], [1, 0]])
+    weights = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    oracle = OracleReverse(process.kernel, patterns, weights)
+    with torch.no_grad():
+        model_elbo = float((weights * elbo_exact(process.kernel, process.log_probs, patterns.double())).sum())
+        oracle_elbo = float((weights * elbo_exact(process.kernel, oracle.log_probs, patterns.double())).sum())
+        gaps, ses = step_gaps(oracle, process.log_probs, draws=20000, seed=1)
+    assert oracle_elbo >= model_elbo
+    assert abs(float(gaps.sum()) - (oracle_elbo - model_elbo)) < 5 * float(ses.square().sum().sqrt())
+    assert float(ses.square().sum().sqrt()) < 0.05 * (oracle_elbo - model_elbo)  # the check has teeth
+    if process.kernel.closed_form_edge:
+        assert abs(float(gaps[0])) < 1e-12  # the same closed-form step
+
+
+def test_the_oracle_has_no_gap_to_itself():
+    kernel = BernoulliKernel(make_beta_tilde("cosine", 5), pi_1=0.3)
+    oracle = OracleReverse(kernel, torch.tensor([[0, 1, 1], [1, 0, 0]]))
+    gaps, ses = step_gaps(oracle, oracle.log_probs, draws=50)
+    assert torch.all(gaps.abs() < 1e-12) and torch.all(ses < 1e-12)
