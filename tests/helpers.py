@@ -79,6 +79,11 @@ class CliResult(NamedTuple):
     stderr: str
 
 
+def sets(*overrides):
+    """``--set`` flags for each ``KEY=VALUE``."""
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
 def bdiff(*args) -> CliResult:
     """``bdiff ARGS`` in this process (argparse's exits included): no interpreter start-up."""
     from bdiff_pyro.cli import main

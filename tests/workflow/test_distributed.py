@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, assert_one_line, bdiff, make_process
+from helpers import ROOT, assert_one_line, bdiff, make_process, sets
 
 from bdiff_pyro import distributed
 from bdiff_pyro.checkpoints import read_checkpoint
@@ -27,9 +27,6 @@ TINY = ["model.T=6", "model.hidden=[16]", "train.batch_size=32", "train.eval_eve
         "train.lr_final=0.02"]  # a constant rate: 4 steps of an 8-step run are a 4-step run
 TOLERANCE = 1e-6  # float32 sums taken in another order; the weights move by more than 1e-2
 
-
-def sets(*overrides):
-    return [arg for item in overrides for arg in ("--set", item)]
 
 
 def environment():

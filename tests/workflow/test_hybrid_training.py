@@ -5,16 +5,13 @@ import csv
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line, bdiff
+from helpers import assert_one_line, bdiff, sets
 
 ROOT = Path(__file__).resolve().parents[2]
 HEARTBEAT = ROOT / "experiments/configs/heartbeat.yaml"
 TINY = ["model.T=6", "model.hidden=[16]", "train.steps=2", "train.eval_every=1", "train.checkpoint_every=2",
         "evaluate.num_samples=20", "evaluate.replicates=2", "train.eval_samples=20", "evaluate.diagnose=false"]
 
-
-def sets(*overrides):
-    return [arg for item in overrides for arg in ("--set", item)]
 
 
 def test_a_negative_weight_is_refused_naming_the_key(tmp_path):

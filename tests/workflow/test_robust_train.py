@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import StopAfter, assert_one_line, bdiff, make_process
+from helpers import StopAfter, assert_one_line, bdiff, make_process, sets
 
 import bdiff_pyro
 from bdiff_pyro import checkpoints as checkpoints_module
@@ -33,9 +33,6 @@ HEARTBEAT = ROOT / "experiments/configs/heartbeat.yaml"
 TINY = ["model.T=6", "model.hidden=[16]", "train.steps=20", "train.eval_every=10", "train.checkpoint_every=10",
         "evaluate.num_samples=50", "evaluate.replicates=2", "train.eval_samples=20", "evaluate.diagnose=false"]
 
-
-def sets(*overrides):
-    return [arg for item in overrides for arg in ("--set", item)]
 
 
 @pytest.fixture
