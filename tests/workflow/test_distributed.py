@@ -28,7 +28,6 @@ TINY = ["model.T=6", "model.hidden=[16]", "train.batch_size=32", "train.eval_eve
 TOLERANCE = 1e-6  # float32 sums taken in another order; the weights move by more than 1e-2
 
 
-
 def environment():
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
