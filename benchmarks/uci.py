@@ -36,6 +36,7 @@ from machine import command_line, default_out, machine_description  # noqa: E402
 from bdiff_pyro.checkpoints import load_with_config  # noqa: E402
 from bdiff_pyro.data import load_dataset  # noqa: E402
 from bdiff_pyro.diffusion.bound import elbo_replicates  # noqa: E402
+from bdiff_pyro.errors import UserError  # noqa: E402
 from bdiff_pyro.evaluation import importance_weighted_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +136,11 @@ def main(argv=None):
         parser.error(f"{out} exists; refusing to overwrite earlier results")
     torch.set_num_threads(args.threads)
     runs = dict(item.split("=", 1) for item in args.run)
+    for name, run_dir in runs.items():  # before hours of evaluation: every run and its test split can be read
+        try:
+            load_dataset(load_with_config(Path(run_dir) / "best.pt")[0].data)
+        except UserError as error:
+            parser.error(f"--run {name}={run_dir}: {error}")
     machine, command = machine_description(), command_line()
     print(f"machine: {machine}\ncommand: {command}", flush=True)
     out.mkdir(parents=True)

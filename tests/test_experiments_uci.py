@@ -63,3 +63,27 @@ def test_script_names_a_missing_data_file(tmp_path):
     result = run_script("--data-dir", str(tmp_path), "--datasets", "dna", "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: {tmp_path / 'dna.npz'}: no such data file"
+
+
+@pytest.mark.slow
+def test_benchmark_refuses_a_run_whose_test_split_is_gone_before_evaluating_anything(tmp_path):
+    """benchmarks/uci.py reads every --run's data first: a missing file is one line, exit 2,
+    and no results directory, rather than a traceback after the other set's evaluation."""
+    data = tmp_path / "mushrooms.npz"
+    data.write_bytes((DATA / "mushrooms.npz").read_bytes())
+    tiny = ["model.T=4", "model.hidden=[8]", "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
+            "train.eval_sequences=4", "train.eval_samples=4", "evaluate.num_samples=4", "evaluate.replicates=2",
+            "evaluate.max_rows=100", f"data.file={data}"]
+    config = ROOT / "experiments" / "configs" / "uci_mushrooms.yaml"
+    train = subprocess.run([sys.executable, "-m", "bdiff_pyro", "train", str(config), "--out", str(tmp_path / "run"),
+                            "--quiet", *[a for s in tiny for a in ("--set", s)]],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert train.returncode == 0, train.stderr
+    data.unlink()
+    run = f"mushrooms={tmp_path / 'run'}"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "uci.py"), "--run", run,
+                             "--datasets", "mushrooms", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"--run {run}: {data}: cannot read data file" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
