@@ -79,7 +79,7 @@ class ModelConfig:
     activation: str = "silu"  # a name in registry.ACTIVATIONS
     time_embedding: int = 32
     film: bool = False  # time also scales and shifts every hidden layer (see reverse.MLP)
-    dropout: float = 0.0  # resmlp, conv1d, conv2d, transformer: probability of zeroing a unit while training
+    dropout: float = 0.0  # every network: probability of zeroing a hidden unit while training
     channels: int = 64  # conv1d, conv2d, transformer: numbers per position in every block
     blocks: int = 2  # conv1d, conv2d: residual blocks; transformer: encoder layers
     kernel_size: int = 5  # conv1d, conv2d: odd width of every convolution

@@ -30,12 +30,12 @@ class MLP(nn.Module):
     shares t (sampling), the time part is computed once per step.  With ``film``, the time
     also scales and shifts every layer's pre-activation (FiLM, Perez et al. 2018):
     a_l = (1 + gamma_l(t)) * (W_l h + b_l) + beta_l(t), which lets one network weigh its
-    inputs differently at each noise level; gamma and beta start at zero.  One network for
-    all steps: its size does not grow with T.
+    inputs differently at each noise level; gamma and beta start at zero.  ``dropout`` zeroes
+    hidden units while training.  One network for all steps: its size does not grow with T.
     """
 
     def __init__(self, n, num_states, hidden=(128, 128), activation="silu", time_embedding=32, num_features=None,
-                 film=False):
+                 film=False, dropout=0.0):
         super().__init__()
         self.n, self.num_states, self.time_embedding = n, num_states, time_embedding
         self.num_features = num_states - 1 if num_features is None else num_features
@@ -44,6 +44,7 @@ class MLP(nn.Module):
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(hidden[:-1], hidden[1:]))
         self.out = nn.Linear(hidden[-1], n * (num_states - 1))
         self.act = registry.resolve(registry.ACTIVATIONS, activation, "activation")()
+        self.dropout = nn.Dropout(dropout)
         self.film = nn.ModuleList(nn.Linear(time_embedding, 2 * size) for size in hidden) if film else None
         if film:
             for layer in self.film:
@@ -76,12 +77,12 @@ class MLP(nn.Module):
                 pre = torch.addcmul(pre + shift, pre, scale)
             if index == 0:
                 pre = pre + time_in  # the time enters at the first layer
-            h = self.act(pre)
+            h = self.dropout(self.act(pre))
         return self.out(h).unflatten(-1, (self.n, self.num_states - 1))
 
     def with_time_table(self, T):
         """This network's forward pass for one time shared by the batch, t in 0..T, as a
-        :class:`TimeTabulatedMLP` (for a sampling call)."""
+        :class:`TimeTabulatedMLP` (for a sampling call, in evaluation mode: it has no dropout)."""
         return TimeTabulatedMLP(self, T)
 
 

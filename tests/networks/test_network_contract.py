@@ -171,9 +171,9 @@ def test_evaluation_and_batched_sampling_run_on_every_network(name):
     assert torch.equal(batched[:4], process.sample(4, seed=3))
 
 
-@pytest.mark.parametrize("name", [name for name in NETWORKS if name != "mlp"])
+@pytest.mark.parametrize("name", NETWORKS)
 def test_dropout_acts_only_while_training(name):
-    """model.dropout reaches every network but the plain MLP: two training-mode calls differ,
+    """model.dropout reaches every network: two training-mode calls differ,
     evaluation-mode calls and dropout 0 do not."""
     x = (torch.rand(8, 16) < 0.4).double()
     dropped = make_network_process(name, n=16, T=5, dropout=0.5).train()
