@@ -83,6 +83,19 @@ def test_the_final_metrics_are_those_of_the_best_validated_weights(tmp_path, mon
     assert on_disk["selected_step"] == 20 and on_disk["test"]["sequences"] == 30
 
 
+def test_every_evaluation_during_training_draws_the_same_x_t(tmp_path):
+    """Common random numbers: the same weights give the same held-out estimate at every step,
+    so the selection compares weights, not draws (with fresh draws per step it compared noise)."""
+    config = load_config(write_data(tmp_path), TINY)
+    process = make_process(n=6, T=4, seed=1).float()
+    dataset = load_dataset(config.data)
+    estimates = {train._held_out_bound(process, dataset, config, train.TrainingState(step=step))["elbo_bits"]
+                 for step in (10, 20, 30)}
+    assert len(estimates) == 1
+    other = load_config(write_data(tmp_path), [*TINY, "seed=5"])
+    assert train._held_out_bound(process, dataset, other, train.TrainingState(step=10))["elbo_bits"] not in estimates
+
+
 def test_a_model_worse_than_independent_bits_on_held_out_data_warns(tmp_path):
     """Sparse bits (P(1) = 0.05) and a model trained for two steps from pi_1 = 0.5: its held-out
     ELBO is near -n bits, independent bits give about -n H(0.05) = -1.7 bits."""
