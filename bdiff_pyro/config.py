@@ -141,6 +141,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     eval_samples: int = 1000  # samples drawn at each evaluation during training
     eval_sequences: int = 256  # held-out sequences scored at each evaluation during training
+    eval_replicates: int = 2  # estimates per held-out sequence at each evaluation (few sequences: more)
     t_sampling: str = "uniform"  # uniform | importance (r(t) ∝ sqrt(E L_t^2), unbiased)
     ema: float = 0.0  # decay of the weight average used for evaluation and samples (0: off)
     weight_decay: float = 0.0  # L2 penalty on the weights, added to the gradient (pyro.optim.ClippedAdam)
@@ -149,7 +150,8 @@ class TrainConfig:
     x0_loss_weight: float = 0.0
 
     def validate(self, where):
-        for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_samples", "eval_sequences"):
+        for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_samples", "eval_sequences",
+                    "eval_replicates"):
             _at_least(where, f"train.{key}", getattr(self, key), 1)
         _choice(where, "train.t_sampling", self.t_sampling, ("uniform", "importance"))
         if not 0.0 <= self.ema < 1.0:

@@ -249,11 +249,13 @@ def resolve_config(config: Config, dataset: Dataset) -> Config:
 
 # What a resumed run cannot change: the model and data (the weights are theirs), the
 # optimiser's settings (they live in its saved state, and lr / lr_final also fix the learning-
-# rate schedule), the weight average and the seed (the random stream continues from the
-# checkpoint).  ``train.steps`` may grow or shrink: the learning rate then decays from its
-# current value to lr_final at the new last step.
+# rate schedule), the weight average, the held-out evaluation (the selection compares its
+# estimates) and the seed (the random stream continues from the checkpoint).  ``train.steps``
+# may grow or shrink: the learning rate then decays from its current value to lr_final at the
+# new last step.
 FIXED_ON_RESUME = ("train.lr", "train.lr_final", "train.clip_norm", "train.weight_decay",
-                   "train.decoupled_weight_decay", "train.ema", "train.x0_loss_weight", "seed")
+                   "train.decoupled_weight_decay", "train.ema", "train.x0_loss_weight", "train.eval_sequences",
+                   "train.eval_replicates", "seed")
 
 
 def _check_resumable(config, saved, where):
@@ -604,7 +606,8 @@ def _held_out_bound(process, dataset, config, state):
     of fresh draws; with a few short sequences (heartbeat) that noise is larger than what late
     training changes, and the selection would pick a step by chance."""
     process.eval()
-    report = bound_report(process, dataset.val[: config.train.eval_sequences], replicates=2, seed=config.seed)
+    report = bound_report(process, dataset.val[: config.train.eval_sequences], config.train.eval_replicates,
+                          seed=config.seed)
     process.train()
     return report
 

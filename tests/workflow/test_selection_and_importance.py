@@ -94,6 +94,8 @@ def test_every_evaluation_during_training_draws_the_same_x_t(tmp_path):
     assert len(estimates) == 1
     other = load_config(write_data(tmp_path), [*TINY, "seed=5"])
     assert train._held_out_bound(process, dataset, other, train.TrainingState(step=10))["elbo_bits"] not in estimates
+    more = load_config(write_data(tmp_path), [*TINY, "train.eval_replicates=7"])
+    assert train._held_out_bound(process, dataset, more, train.TrainingState(step=10))["replicates"] == 7
 
 
 def test_a_model_worse_than_independent_bits_on_held_out_data_warns(tmp_path):
