@@ -38,6 +38,7 @@ from bdiff_pyro.data import load_dataset  # noqa: E402
 from bdiff_pyro.diffusion.bound import elbo_replicates  # noqa: E402
 from bdiff_pyro.errors import UserError  # noqa: E402
 from bdiff_pyro.evaluation import importance_weighted_report  # noqa: E402
+from bdiff_pyro.train import resume_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,6 +138,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     runs = dict(item.split("=", 1) for item in args.run)
     for name, run_dir in runs.items():  # before hours of evaluation: every run and its test split can be read
+        if not (Path(run_dir) / "metrics.json").exists():
+            parser.error(f"--run {name}={run_dir}: no metrics.json, the run has not finished "
+                         f"(continue it with: {resume_command(run_dir)})")
         try:
             load_dataset(load_with_config(Path(run_dir) / "best.pt")[0].data)
         except UserError as error:

@@ -66,9 +66,10 @@ def test_script_names_a_missing_data_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_refuses_a_run_whose_test_split_is_gone_before_evaluating_anything(tmp_path):
-    """benchmarks/uci.py reads every --run's data first: a missing file is one line, exit 2,
-    and no results directory, rather than a traceback after the other set's evaluation."""
+def test_benchmark_refuses_an_unfinished_run_or_a_missing_test_split_before_evaluating_anything(tmp_path):
+    """benchmarks/uci.py reads every --run's metrics and data first: an unfinished run or a
+    missing file is one line, exit 2, and no results directory, rather than a traceback after
+    the other set's evaluation."""
     data = tmp_path / "mushrooms.npz"
     data.write_bytes((DATA / "mushrooms.npz").read_bytes())
     tiny = ["model.T=4", "model.hidden=[8]", "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
@@ -79,11 +80,21 @@ def test_benchmark_refuses_a_run_whose_test_split_is_gone_before_evaluating_anyt
                             "--quiet", *[a for s in tiny for a in ("--set", s)]],
                            capture_output=True, text=True, cwd=ROOT)
     assert train.returncode == 0, train.stderr
-    data.unlink()
     run = f"mushrooms={tmp_path / 'run'}"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "uci.py"), "--run", run,
-                             "--datasets", "mushrooms", "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, cwd=ROOT)
+
+    def benchmark():
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "uci.py"), "--run", run,
+                               "--datasets", "mushrooms", "--out", str(tmp_path / "out")],
+                              capture_output=True, text=True, cwd=ROOT)
+
+    metrics = tmp_path / "run" / "metrics.json"
+    metrics.rename(tmp_path / "kept.json")  # as if the run had stopped before its final evaluation
+    result = benchmark()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"--run {run}: no metrics.json, the run has not finished" in result.stderr.strip().splitlines()[-1]
+    (tmp_path / "kept.json").rename(metrics)
+    data.unlink()
+    result = benchmark()
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert f"--run {run}: {data}: cannot read data file" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
