@@ -80,6 +80,7 @@ class ModelConfig:
     time_embedding: int = 32
     film: bool = False  # time also scales and shifts every hidden layer (see reverse.MLP)
     dropout: float = 0.0  # every network: probability of zeroing a hidden unit while training
+    members: int = 1  # every network: an ensemble of this many, their reverse steps mixed
     channels: int = 64  # conv1d, conv2d, transformer: numbers per position in every block
     blocks: int = 2  # conv1d, conv2d: residual blocks; transformer: encoder layers
     kernel_size: int = 5  # conv1d, conv2d: odd width of every convolution
@@ -116,7 +117,7 @@ class ModelConfig:
         if self.time_embedding < 2 or self.time_embedding % 2:
             raise UserError(f"{where('model.time_embedding')}: model.time_embedding must be an even number >= 2 "
                             f"(got {self.time_embedding})")
-        for key in ("channels", "blocks", "kernel_size", "heads"):
+        for key in ("members", "channels", "blocks", "kernel_size", "heads"):
             _at_least(where, f"model.{key}", getattr(self, key), 1)
         if self.kernel_size % 2 == 0:
             raise UserError(f"{where('model.kernel_size')}: model.kernel_size must be odd (got {self.kernel_size})")
@@ -241,7 +242,7 @@ def network_options(model: ModelConfig) -> dict:
 
 
 #: ModelConfig keys that only some networks read (see each network's constructor)
-NETWORK_OPTION_KEYS = ("dropout", "channels", "blocks", "kernel_size", "padding", "image_shape", "heads",
+NETWORK_OPTION_KEYS = ("dropout", "members", "channels", "blocks", "kernel_size", "padding", "image_shape", "heads",
                        "position_code")
 
 

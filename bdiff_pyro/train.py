@@ -72,6 +72,11 @@ class AnalyticLoss:
     On several processes (``world``), x0 is the global minibatch: every process draws t and
     x^t for all of it and scores its own rows, and the history is updated from the sums over
     the whole minibatch, so that it is the same on every process.
+
+    An ensemble (``model.members`` > 1) is trained as a deep ensemble: the loss is the mean
+    over members of each member's own -ELBO (on the same t and x^t), and so is what training
+    reports; its selection and evaluations score the mixture, whose -ELBO is at most that mean
+    (each step's KL is convex in p).
     """
 
     def __init__(self, T, importance=False, decay=0.9, world=World(), x0_loss_weight=0.0):
@@ -89,8 +94,11 @@ class AnalyticLoss:
         return 0.9 * weights / weights.sum() + 0.1 * uniform
 
     def __call__(self, model, guide, x0):
-        estimates, t, terms = negative_elbo_estimate(model.kernel, model.log_probs, x0,
-                                                     self.step_proposal(model.kernel), self.world.rows(len(x0)))
+        with model.members_apart():  # an ensemble: each member on its own bound, the same t and x^t
+            estimates, t, terms = negative_elbo_estimate(model.kernel, model.log_probs, x0,
+                                                         self.step_proposal(model.kernel), self.world.rows(len(x0)))
+            if model.num_members > 1:
+                estimates, terms = estimates.mean(0), terms.mean(0)
         if self.importance:
             self._remember(t.cpu(), terms.detach().double().cpu())
         negative_elbo = estimates.mean()
@@ -98,7 +106,9 @@ class AnalyticLoss:
         if self.x0_loss_weight == 0:
             return negative_elbo
         rows = self.world.rows(len(x0))
-        return negative_elbo + self.x0_loss_weight * x0_loss_estimate(model.kernel, model.x0_log_probs, x0, rows).mean()
+        with model.members_apart():
+            x0_loss = x0_loss_estimate(model.kernel, model.x0_log_probs, x0, rows).mean()
+        return negative_elbo + self.x0_loss_weight * x0_loss
 
     def _remember(self, t, terms):
         """Exponential moving average of L_t^2 for every step t in the (global) minibatch."""

@@ -2,7 +2,10 @@
 the split between the edge step p(x^0 | x^1) and the steps t >= 2, and the through-x^0 mixture
 for bits (docs/math.md §2, §3).  Torch only."""
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 
 def edge_or_step(edge, step, x_t, t):
@@ -38,3 +41,16 @@ def binary_mixture_logits(log_posterior, x_t, x0_logits):
     p0 = p_x0_0 * picked[0][0] + p_x0_1 * picked[1][0]
     p1 = p_x0_0 * picked[0][1] + p_x0_1 * picked[1][1]
     return p1.log() - p0.log()
+
+
+def mean_of_bernoullis_logit(logits, dim=0):
+    """The logit of the uniform mixture (1/M) sum_m sigmoid(l_m) over ``dim``, in log space:
+
+        log sum_m sigmoid(l_m) - log sum_m sigmoid(-l_m)      (the 1/M cancels)
+    """
+    return torch.logsumexp(F.logsigmoid(logits), dim) - torch.logsumexp(F.logsigmoid(-logits), dim)
+
+
+def mean_of_categoricals_log_probs(log_probs, dim=0):
+    """log (1/M) sum_m p_m(k), the uniform mixture over ``dim`` of categorical log-probabilities."""
+    return torch.logsumexp(log_probs, dim) - math.log(log_probs.shape[dim])

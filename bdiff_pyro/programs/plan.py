@@ -12,7 +12,7 @@ training cannot make one stale.
 
 import torch
 
-from bdiff_pyro.diffusion.steps import binary_mixture_logits
+from bdiff_pyro.diffusion.steps import binary_mixture_logits, mean_of_bernoullis_logit
 from bdiff_pyro.programs.sites import bernoulli_site
 
 
@@ -39,6 +39,20 @@ class _ModuleNetwork:
         return self.net(features.unsqueeze(-1), t)
 
 
+class _Members:
+    """An ensemble's members, each tabulated: their logits stacked on a leading axis."""
+
+    def __init__(self, nets):
+        self.nets = nets
+
+    def __call__(self, features, t):
+        return torch.stack([net(features, t) for net in self.nets])
+
+
+def _tabulated(net, T):
+    return net.with_time_table(T) if hasattr(net, "with_time_table") else _ModuleNetwork(net)
+
+
 class BinaryStepPlan:
     """p(x^{t-1} | x^t) of a two-state ``ReverseProcess`` for t = 1..T, from the weights the
     process holds when the plan is built.  With l the network's logit (of x^0, or the direct
@@ -48,6 +62,9 @@ class BinaryStepPlan:
                  a_t(x) = q(x^{t-1} = 1 | x^t = x, x^0 = 0),  b_t(x) = the same with x^0 = 1
         direct:  sigmoid(l + log Q_t[1, x] - log Q_t[0, x])
         t = 1:   the process's edge step
+
+    An ensemble's l is that of the mixed prediction (x0) or step (direct): the logit of
+    (1/M) sum_m sigmoid(l_m).
 
     It has the reverse-step attributes the samplers read (``kernel``, ``n``, ``T``,
     ``logits``, ``x0_logits``) and ``probs``, from which they draw.
@@ -59,7 +76,9 @@ class BinaryStepPlan:
         self.process = process  # for its edge step
         self.direct = process.parameterisation == "direct"
         net = process.net
-        self.net = net.with_time_table(kernel.T) if hasattr(net, "with_time_table") else _ModuleNetwork(net)
+        self.ensemble = process.num_members > 1
+        self.net = _Members([_tabulated(member, kernel.T) for member in net.nets]) if self.ensemble \
+            else _tabulated(net, kernel.T)
         evidence = kernel.log_Qbar[:, 1, :] - kernel.log_Qbar[:, 0, :]  # (T+1, x): log q(x | 1) - log q(x | 0)
         features = {"state": None, "evidence": torch.sigmoid(evidence), "log_evidence": evidence}[process.inputs]
         self.features = None if features is None else _PerState(features)
@@ -72,12 +91,17 @@ class BinaryStepPlan:
             self.if_x0_is_0, self.if_x0_is_1 = _PerState(one[..., 0]), _PerState(one[..., 1])
 
     def _network_logits(self, x, t):
-        """The network's logit l per position (x0: own evidence added); x^t as floats 0./1."""
+        """The network's logit l per position (x0: own evidence added), x^t as floats 0./1.;
+        an ensemble's members on a leading axis, unmixed."""
         features = x if self.features is None else self.features(t, x)
         logits = self.net(features, t)[..., 0]
         if self.own_evidence is not None:
             logits = logits + self.own_evidence(t, x)  # Bayes' rule: the position's own evidence
         return logits
+
+    def _mixed(self, logits):
+        """An ensemble's members' logits -> the logit of their mean probability."""
+        return mean_of_bernoullis_logit(logits, 0) if self.ensemble else logits
 
     #: sequences per block: a block's activations stay in the CPU's cache through a whole step
     #: (those of 10,000 sequences do not); benchmarks/sampling.py measures the effect
@@ -91,8 +115,9 @@ class BinaryStepPlan:
             return logits, torch.sigmoid(logits)
         net_logits = self._network_logits(x, t)
         if self.direct:
-            logits = net_logits + self.likelihood(t, x)
+            logits = self._mixed(net_logits + self.likelihood(t, x))
             return logits, torch.sigmoid(logits)
+        net_logits = self._mixed(net_logits)
         # lerp stays between its ends: a probability, as torch.bernoulli requires
         probs = torch.lerp(self.if_x0_is_0(t, x), self.if_x0_is_1(t, x), torch.sigmoid(net_logits))
         logits = binary_mixture_logits(self.kernel.log_posterior[t], x, net_logits) if scoring else None
@@ -117,7 +142,7 @@ class BinaryStepPlan:
 
     def x0_logits(self, x_t, t: int):
         """The logit of the predicted P(x^0 = 1 | x^t) (through-x^0 parameterisation)."""
-        return self._network_logits(x_t, t)
+        return self._mixed(self._network_logits(x_t, t))
 
     def step_dist(self, x_t, t: int):
         """p(x^{t-1} | x^t) as the Pyro site of one time slice: drawn from :meth:`probs`,

@@ -30,8 +30,14 @@ networks: for data whose positions fall into classes with equal posteriors (the 
 phases), the whole answer is then a function of a few class sums, whereas "what the others
 say" differs at every position and must be carried through every layer (docs/network.md
 measures both).
+
+An ensemble network (``model.members`` > 1, ``networks.ensemble``) predicts once per member;
+the step is the uniform mixture of the members' steps, p(x^{t-1} | x^t) = (1/M) sum_m
+p_m(x^{t-1} | x^t).  Through x^0 that is the step of the mixed prediction (1/M) sum_m
+P_m(x^0 | x^t), since the step is linear in P(x^0 | x^t).
 """
 
+import contextlib
 import math
 import typing
 
@@ -44,7 +50,12 @@ from torch.nn import functional as F
 
 from bdiff_pyro.diffusion.kernels import make_kernel, normalise
 from bdiff_pyro.diffusion.schedules import make_beta_tilde
-from bdiff_pyro.diffusion.steps import binary_mixture_logits, edge_or_step
+from bdiff_pyro.diffusion.steps import (
+    binary_mixture_logits,
+    edge_or_step,
+    mean_of_bernoullis_logit,
+    mean_of_categoricals_log_probs,
+)
 from bdiff_pyro.errors import UserError
 from bdiff_pyro.networks import build_network
 from bdiff_pyro.programs import sampling
@@ -105,6 +116,7 @@ class ReverseProcess(PyroModule):
         self.parameterisation = parameterisation
         self.inputs = inputs
         self.add_own_evidence = add_own_evidence and inputs != "state"
+        self._members_apart = False
         # Every layer must go through pyro.param to be trained by SVI (see README, pitfalls).
         to_pyro_module_(self.net)
 
@@ -130,6 +142,27 @@ class ReverseProcess(PyroModule):
     @property
     def T(self):
         return self.kernel.T
+
+    @property
+    def num_members(self):
+        """Networks whose steps are mixed (``model.members``; 1 for a single network)."""
+        return getattr(self.net, "num_members", 1)
+
+    @contextlib.contextmanager
+    def members_apart(self):
+        """Within: an ensemble's predictions and steps keep the members apart on a leading
+        axis (M, ...) instead of mixing them, so that each member is scored on its own bound."""
+        self._members_apart = True
+        try:
+            yield self
+        finally:
+            self._members_apart = False
+
+    def _mixed(self, member_values, mixture):
+        """``mixture`` over the members' axis 0 of an ensemble's predictions (unless kept apart)."""
+        if self.num_members == 1 or self._members_apart:
+            return member_values
+        return mixture(member_values, 0)
 
     @property
     def binary(self):
@@ -206,14 +239,16 @@ class ReverseProcess(PyroModule):
             likelihood = self.kernel.q_step_likelihood(x_t, t)
             # an x^t that no x^{t-1} can reach (absorbing kernels at beta_t = 1): no prior shape
             likelihood = torch.where(torch.isneginf(likelihood).all(-1, keepdim=True), 0.0, likelihood)
-            return normalise(F.pad(self._net(x_t, t), (1, 0)) + likelihood)
+            return self._mixed(normalise(F.pad(self._net(x_t, t), (1, 0)) + likelihood),
+                               mean_of_categoricals_log_probs)
         return self.kernel.q_posterior_log_probs_mixture(x_t, self.x0_log_probs(x_t, t), t)
 
     def _step_logits(self, x_t, t):
         """Bits: the same step as :meth:`_step_log_probs`, one logit per position."""
         if self.parameterisation == "direct":
             log_Q = self.kernel.log_Q
-            return self._net(x_t, t)[..., 0] + _per_state(log_Q[:, 1, :] - log_Q[:, 0, :], t, x_t)
+            return self._mixed(self._net(x_t, t)[..., 0] + _per_state(log_Q[:, 1, :] - log_Q[:, 0, :], t, x_t),
+                               mean_of_bernoullis_logit)
         return binary_mixture_logits(self.kernel.log_posterior[t], x_t, self.x0_logits(x_t, t))
 
     def x0_logits(self, x_t, t):
@@ -221,7 +256,7 @@ class ReverseProcess(PyroModule):
         logits = self._net(x_t, t)[..., 0]
         if self.add_own_evidence:
             logits = logits + self._evidence_logit(x_t, t)  # Bayes' rule: the position's own evidence
-        return logits
+        return self._mixed(logits, mean_of_bernoullis_logit)
 
     def x0_log_probs(self, x_t, t):
         """The network read as log P(x^0 = v | x^t), restricted to the states data can take
@@ -234,7 +269,7 @@ class ReverseProcess(PyroModule):
         out = F.pad(self._net(x_t, t, evidence), (1, 0))[..., :data_states]
         if self.add_own_evidence:
             out = out + evidence  # Bayes' rule: the position's own evidence
-        data_log_probs = log_softmax_over_states(out)
+        data_log_probs = self._mixed(log_softmax_over_states(out), mean_of_categoricals_log_probs)
         return F.pad(data_log_probs, (0, self.kernel.num_states - data_states), value=-math.inf)
 
     def reverse_probs(self, x_t, t):

@@ -21,13 +21,21 @@ from bdiff_pyro.programs.forward import forward_chain
 from bdiff_pyro.train import AnalyticLoss
 
 NETWORKS = sorted(registry.NETWORKS)
+#: every registered network, and ensembles (model.members) of one with a time table and one without
+CASES = NETWORKS + ["mlp x 2", "conv1d x 2"]
+
+
+def build(name, **kwargs):
+    """make_network_process for a registered network or an ensemble "NAME x M"."""
+    name, _, members = name.partition(" x ")
+    return make_network_process(name, members=int(members or 1), **kwargs)
 
 
 def test_every_structured_network_is_registered():
     assert {"mlp", "conv1d", "conv2d", "transformer"} <= set(NETWORKS)
 
 
-@pytest.mark.parametrize("name", NETWORKS)
+@pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("parameterisation", ["x0", "direct"])
 @pytest.mark.parametrize("case,n,T,inputs", [(("bernoulli", 2, 0.2), 3, 3, "state"),
                                              (("bernoulli", 2, 0.5), 4, 2, "evidence"),
@@ -35,7 +43,7 @@ def test_every_structured_network_is_registered():
                                              (("absorbing", 2, None), 2, 3, "evidence")],
                          ids=["bits-pi0.2", "bits-evidence", "uniform3", "absorbing2"])
 def test_analytic_bound_equals_trace_enum(name, parameterisation, case, n, T, inputs):
-    process = make_network_process(name, n=n, T=T, case=case, parameterisation=parameterisation, inputs=inputs,
+    process = build(name, n=n, T=T, case=case, parameterisation=parameterisation, inputs=inputs,
                                    seed=n + T)
     x0 = all_states(n, case[1])
     with torch.no_grad():
@@ -48,11 +56,11 @@ def test_analytic_bound_equals_trace_enum(name, parameterisation, case, n, T, in
     assert analytic.max() - analytic.min() > 1e-3  # the network makes the sequences differ
 
 
-@pytest.mark.parametrize("name", NETWORKS)
+@pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("parameterisation", ["x0", "direct"])
 @pytest.mark.parametrize("inputs", ["state", "evidence"])
 def test_pyro_program_and_sampler_draw_identical_samples(name, parameterisation, inputs):
-    process = make_network_process(name, n=6, T=5, parameterisation=parameterisation, inputs=inputs)
+    process = build(name, n=6, T=5, parameterisation=parameterisation, inputs=inputs)
     pyro.set_rng_seed(11)
     trace = poutine.trace(process).get_trace(num_sequences=64)
     samples = process.sample(64, seed=11)
@@ -60,11 +68,11 @@ def test_pyro_program_and_sampler_draw_identical_samples(name, parameterisation,
     assert not torch.equal(process.sample(64, seed=12), samples)
 
 
-@pytest.mark.parametrize("name", NETWORKS)
+@pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("parameterisation", ["x0", "direct"])
 @pytest.mark.parametrize("inputs,film", [("state", False), ("evidence", True), ("log_evidence", False)])
 def test_binary_fast_path_equals_the_generic_path(name, parameterisation, inputs, film):
-    process = make_network_process(name, n=4, T=5, case=("bernoulli", 2, 0.2), parameterisation=parameterisation,
+    process = build(name, n=4, T=5, case=("bernoulli", 2, 0.2), parameterisation=parameterisation,
                                    inputs=inputs, film=film)
     x_t = all_states(4)
     with torch.no_grad():
@@ -78,11 +86,11 @@ def test_binary_fast_path_equals_the_generic_path(name, parameterisation, inputs
         assert torch.allclose(process.log_probs(x_t, t), one_at_a_time, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", NETWORKS)
+@pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("film", [False, True])
 def test_one_svi_step_trains_every_parameter(name, film):
     """Every layer goes through pyro.param (to_pyro_module_) and gets a gradient."""
-    process = make_network_process(name, n=6, T=6, film=film).float()
+    process = build(name, n=6, T=6, film=film).float()
     before = {key: p.detach().clone() for key, p in process.named_parameters()}
     assert before, "no parameters"
     svi = SVI(process, partial(forward_chain, process.kernel), pyro.optim.Adam({"lr": 1e-2}),
@@ -158,12 +166,12 @@ def test_conv2d_neighbours_are_pixels_of_the_image_grid():
     assert torch.equal(changed, expected.flatten().expand(3, 64))
 
 
-@pytest.mark.parametrize("name", NETWORKS)
+@pytest.mark.parametrize("name", CASES)
 def test_evaluation_and_batched_sampling_run_on_every_network(name):
     """The chunk sizes of evaluation and sampling read the network's activation_widths."""
     from bdiff_pyro.evaluation import bound_report
     from bdiff_pyro.memory import sample_in_batches
-    process = make_network_process(name, n=4, T=4).float()
+    process = build(name, n=4, T=4).float()
     assert all(isinstance(w, int) and w > 0 for w in process.net.activation_widths)
     report = bound_report(process, all_states(4).float(), replicates=2, seed=0)
     assert report["distinct_scored"] == 16 and report["elbo_bits"] < 0
@@ -171,14 +179,14 @@ def test_evaluation_and_batched_sampling_run_on_every_network(name):
     assert torch.equal(batched[:4], process.sample(4, seed=3))
 
 
-@pytest.mark.parametrize("name", NETWORKS)
+@pytest.mark.parametrize("name", CASES)
 def test_dropout_acts_only_while_training(name):
     """model.dropout reaches every network: two training-mode calls differ,
     evaluation-mode calls and dropout 0 do not."""
     x = (torch.rand(8, 16) < 0.4).double()
-    dropped = make_network_process(name, n=16, T=5, dropout=0.5).train()
+    dropped = build(name, n=16, T=5, dropout=0.5).train()
     assert not torch.equal(net_output(dropped, x, 3), net_output(dropped, x, 3))
     dropped.eval()
     assert torch.equal(net_output(dropped, x, 3), net_output(dropped, x, 3))
-    kept = make_network_process(name, n=16, T=5, dropout=0.0).train()
+    kept = build(name, n=16, T=5, dropout=0.0).train()
     assert torch.equal(net_output(kept, x, 3), net_output(kept, x, 3))
