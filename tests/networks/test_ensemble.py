@@ -60,9 +60,21 @@ def test_training_loss_is_the_mean_of_the_members_losses_on_the_same_draws():
     for single in singles:
         torch.manual_seed(7)
         expected.append(negative_elbo_estimate(single.kernel, single.log_probs, x0)[0].mean())
-    assert loss.item() == pytest.approx(float(torch.stack(expected).mean()), rel=1e-12)
+    assert loss.detach().item() == pytest.approx(torch.stack(expected).mean().detach().item(), rel=1e-12)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ensemble.parameters())
+
+
+def test_hybrid_loss_is_the_mean_of_the_members_hybrid_losses():
+    ensemble, singles = ensemble_and_members(("bernoulli", 2, 0.3), "x0", "evidence")
+    x0 = (torch.rand(16, 3, generator=torch.Generator().manual_seed(2)) < 0.5).double()
+    torch.manual_seed(3)
+    loss = AnalyticLoss(ensemble.T, x0_loss_weight=0.5)(ensemble, None, x0).detach().item()
+    expected = []
+    for single in singles:
+        torch.manual_seed(3)
+        expected.append(AnalyticLoss(single.T, x0_loss_weight=0.5)(single, None, x0).detach().item())
+    assert loss == pytest.approx(sum(expected) / len(expected), rel=1e-12)
 
 
 def test_mixing_bernoulli_logits_in_log_space_stays_finite_where_probabilities_round():
